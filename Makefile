@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh clone: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flaxattn experiments tests benchmarks
