@@ -198,7 +198,8 @@ def save_attention(
     if top_k is not None and (isinstance(top_k, bool) or not int(top_k) == top_k or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
 
-    first = np.shape(layers[paths[0]])
+    first = layers[paths[0]]
+    first = np.shape(first[0] if isinstance(first, (tuple, list)) else first)
     if len(first) != 4:
         raise ValueError(f"layer {paths[0]!r} must be [B, N, T, S], got shape {first}")
     B = first[0]

@@ -175,10 +175,11 @@ def _masked_legend(ax, loc="upper left", anchor=(1.0, -0.02)):
     )
 
 
-def _cell_figsize(T: int, S: int, extra_w=2.4, extra_h=1.6, cell=0.28):
-    cell = cell if max(T, S) <= MAX_LABELS else max(0.06, 11.0 / max(T, S))
-    width = min(max(extra_w + cell * S, 4.5), 16.0)
-    height = min(max(extra_h + cell * T, 3.5), 14.0)
+def _cell_figsize(T: int, S: int, extra_w=2.4, extra_h=1.6, cell=0.28, span=9.0):
+    """Figure size for a [T, S] matrix: ``cell`` inches per token, at most ``span`` inches."""
+    cell = min(cell, span / max(T, S, 1))
+    width = min(max(extra_w + cell * S, 4.5), extra_w + span)
+    height = min(max(extra_h + cell * T, 3.5), extra_h + span)
     return width, height
 
 
@@ -360,15 +361,17 @@ def plot_rollout(
     T = r.shape[0]
     n = T if length is None else int(length)
     valid = _valid2d(r.shape, n, n)
-    w, h = _cell_figsize(T, T, extra_w=2.0)
+    w, h = _cell_figsize(T, T, extra_w=2.0, cell=0.24, span=7.0)
     fig = Figure(figsize=(w * 1.75, h), layout="constrained")
     ax_m, ax_b = fig.subplots(1, 2, width_ratios=[1.0, 0.8])
-    im = _draw_matrix(ax_m, r, valid, cmap=cmap)
+    vmax = max(float(r[valid].max(initial=0.0)), 1e-6)
+    # Square-root colour scale: rollout mass piles up on a few tokens (often the first).
+    im = _draw_matrix(ax_m, r, valid, cmap=cmap, norm=colors.PowerNorm(0.5, vmin=0.0, vmax=vmax))
     _set_ticks(ax_m, "x", tokens, T)
     _set_ticks(ax_m, "y", tokens, T)
     ax_m.set_xlabel("input token")
     ax_m.set_ylabel("position (top layer)")
-    fig.colorbar(im, ax=ax_m, label="rolled-out attention", pad=0.02)
+    fig.colorbar(im, ax=ax_m, label="rolled-out attention (square-root scale)", pad=0.02)
     if not valid.all():
         _masked_legend(ax_m)
     if query_index is None:
