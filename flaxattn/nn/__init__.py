@@ -1,0 +1,70 @@
+"""flaxattn.nn: flax.nnx modules and models, thin shells over `flaxattn.kernels`.
+
+Modules hold parameters; every attention computation is a call to a kernel
+(`flaxattn.dot_product_attention`, `flaxattn.attention`, `flaxattn.additive_attention`).
+
+- Attention layers: `MultiHeadAttention` (GQA, RoPE, KV cache, head interventions),
+  `AdditiveAttention` (Bahdanau), `MultiplicativeAttention` (Luong "general").
+- Positions: `sinusoidal_encoding`, `LearnedPositionalEmbedding`, `RoPE`/`apply_rope`,
+  `T5RelativeBias`; ALiBi comes from `flaxattn.alibi_bias` through the `bias` path.
+- Blocks and models: `TransformerEncoderLayer`, `TransformerDecoderLayer`, the stacks
+  `TransformerEncoder`/`TransformerDecoder`, `EncoderDecoderTransformer`, `DecoderLM`,
+  `TransformerClassifier`, `RNNAttentionClassifier`, `BahdanauSeq2Seq`, `NadarayaWatson`.
+- Analysis: `capture_attention` returns every attention layer's weights `[B, N, T, S]`.
+- Interop with flax: `flax_attention_fn`, `from_flax_nnx`.
+"""
+
+from flaxattn.nn._attention import MultiHeadAttention
+from flaxattn.nn._blocks import FeedForward, TransformerDecoderLayer, TransformerEncoderLayer
+from flaxattn.nn._cache import KVCache
+from flaxattn.nn._capture import (
+    AttentionWeights,
+    CapturedAttention,
+    CaptureSpec,
+    attention_kinds,
+    attention_layers,
+    capture_attention,
+)
+from flaxattn.nn._config import TransformerConfig
+from flaxattn.nn._kernel_regression import NadarayaWatson
+from flaxattn.nn._models import DecoderLM, EncoderDecoderTransformer, TransformerClassifier
+from flaxattn.nn._positional import (
+    LearnedPositionalEmbedding,
+    RoPE,
+    T5RelativeBias,
+    apply_rope,
+    sinusoidal_encoding,
+)
+from flaxattn.nn._rnn import BahdanauSeq2Seq, RNNAttentionClassifier
+from flaxattn.nn._scored_attention import AdditiveAttention, MultiplicativeAttention
+from flaxattn.nn._stacks import TransformerDecoder, TransformerEncoder
+
+__all__ = [
+    "AdditiveAttention",
+    "AttentionWeights",
+    "BahdanauSeq2Seq",
+    "CaptureSpec",
+    "CapturedAttention",
+    "DecoderLM",
+    "EncoderDecoderTransformer",
+    "FeedForward",
+    "KVCache",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "MultiplicativeAttention",
+    "NadarayaWatson",
+    "RNNAttentionClassifier",
+    "RoPE",
+    "T5RelativeBias",
+    "TransformerClassifier",
+    "TransformerConfig",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "apply_rope",
+    "attention_kinds",
+    "attention_layers",
+    "capture_attention",
+    "sinusoidal_encoding",
+]

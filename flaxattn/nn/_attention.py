@@ -1,0 +1,256 @@
+"""`MultiHeadAttention`: projections, RoPE and a KV cache around `flaxattn.dot_product_attention`.
+
+Glossary of shapes: B batch, T query length, S key length (L, the cache length, when
+decoding), N query heads, K key/value heads (K divides N), H head dim, F features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+from jaxtyping import Bool, Float, Int
+
+from flaxattn.kernels import IMPLEMENTATIONS, dot_product_attention
+from flaxattn.kernels._validate import check_choice
+from flaxattn.nn._cache import KVCache
+from flaxattn.nn._capture import Capturable, capture_reference_weights
+from flaxattn.nn._checks import check_positive
+from flaxattn.nn._positional import RoPE, apply_rope
+
+KINDS = ("self", "cross")
+_LECUN_NORMAL = nnx.initializers.lecun_normal()
+
+
+class MultiHeadAttention(Capturable, nnx.Module):
+    """Multi-head attention (Vaswani et al. 2017) with GQA, RoPE and a KV cache.
+
+    The module holds the q/k/v/out projections (`nnx.LinearGeneral`, the same parameter tree
+    as `flax.nnx.MultiHeadAttention`) and calls `attention_fn` for the attention itself.
+
+        q = x_q W_q [B, T, N, H];  k, v = x_kv W_k, x_kv W_v [B, S, K, H]
+        out = attention_fn(q, k, v, bias, mask, ...) [B, T, N, H] · W_o -> [B, T, F_out]
+
+    Args:
+      num_heads: N.
+      in_features: F of `inputs_q`.
+      num_kv_heads: K (default N); must divide N. K < N is GQA, K = 1 is MQA.
+      qkv_features: N · H (default `in_features`); must be divisible by N.
+      out_features: F_out (default `in_features`).
+      in_kv_features: F of `inputs_kv` (default `in_features`).
+      use_bias: biases in the four projections.
+      dropout_rate: dropout on the attention weights (when not deterministic).
+      normalize_qk: LayerNorm (no bias) on each head of q and k (ViT-22B).
+      rope: `RoPE` settings, or True for the defaults, to rotate q and k by position.
+      implementation: passed to the kernel (`'reference'`, `'blocked'`, ...; None = its rule).
+      attention_fn: any function with the signature of `flaxattn.dot_product_attention`
+        (the default); only the keywords in use are passed.
+      kind: `'self'` or `'cross'`, as recorded by `capture_attention`.
+      dtype, param_dtype: computation and parameter dtypes of the projections.
+      rngs: parameter initialisation, and the dropout stream when `dropout_rate > 0`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        num_kv_heads: int | None = None,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        in_kv_features: int | None = None,
+        use_bias: bool = True,
+        dropout_rate: float = 0.0,
+        normalize_qk: bool = False,
+        rope: RoPE | bool | None = None,
+        implementation: str | None = None,
+        attention_fn: Callable[..., Array] | None = None,
+        kind: Literal["self", "cross"] = "self",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: nnx.Initializer = _LECUN_NORMAL,
+        rngs: nnx.Rngs,
+    ):
+        qkv_features = in_features if qkv_features is None else qkv_features
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_positive("num_heads", num_heads)
+        if qkv_features % num_heads:
+            raise ValueError(
+                f"qkv_features ({qkv_features}) must be divisible by num_heads ({num_heads})."
+            )
+        if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}).")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+        if implementation is not None:
+            check_choice("implementation", implementation, IMPLEMENTATIONS)
+        check_choice("kind", kind, KINDS)
+        rope = RoPE() if rope is True else (None if rope is False else rope)
+        if rope is not None and not isinstance(rope, RoPE):
+            raise ValueError(f"rope must be a RoPE, True or None, got {rope!r}.")
+
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = qkv_features // num_heads
+        self.in_features = in_features
+        self.in_kv_features = in_features if in_kv_features is None else in_kv_features
+        self.out_features = in_features if out_features is None else out_features
+        self.dropout_rate = dropout_rate
+        self.rope = rope
+        self.implementation = implementation
+        self.attention_fn = dot_product_attention if attention_fn is None else attention_fn
+        self.kind = kind
+        self.deterministic = False  # default when a call passes deterministic=None
+        self.capture = None
+
+        def projection(in_f, out_f, **kw) -> nnx.LinearGeneral:
+            return nnx.LinearGeneral(
+                in_f, out_f, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, rngs=rngs, **kw,
+            )
+
+        N, K, H = num_heads, num_kv_heads, self.head_dim
+        self.query = projection(in_features, (N, H))
+        self.key = projection(self.in_kv_features, (K, H))
+        self.value = projection(self.in_kv_features, (K, H))
+        self.out = projection((N, H), self.out_features, axis=(-2, -1))
+        if normalize_qk:
+            norm = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.query_ln = nnx.LayerNorm(H, **norm)
+            self.key_ln = nnx.LayerNorm(H, **norm)
+        else:
+            self.query_ln = nnx.data(None)
+            self.key_ln = nnx.data(None)
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0.0 else nnx.data(None)
+        self.cache: nnx.Cache | None = nnx.data(None)
+
+    # ----------------------------------------------------------------------------- cache
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> None:
+        """Create an empty `KVCache` of `max_length` positions for `decode=True` calls."""
+        self.cache = nnx.Cache(
+            KVCache.zeros(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+        )
+
+    def clear_cache(self) -> None:
+        """Drop the cache (e.g. before saving the parameters)."""
+        self.cache = None
+
+    def get_cache(self) -> KVCache:
+        """The `KVCache`; a `ValueError` if `init_cache` was not called."""
+        if self.cache is None:
+            raise ValueError(
+                "decode=True needs a KV cache: call init_cache(batch_size, max_length) first."
+            )
+        return self.cache.get_value()
+
+    # ------------------------------------------------------------------------------ call
+    def __call__(
+        self,
+        inputs_q: Float[Array, "B T F"],
+        inputs_kv: Float[Array, "B S F"] | None = None,
+        *,
+        mask: Bool[Array, "B N T S"] | None = None,
+        bias: Float[Array, "B N T S"] | None = None,
+        is_causal: bool = False,
+        query_seq_lengths: Int[Array, " B"] | None = None,
+        key_value_seq_lengths: Int[Array, " B"] | None = None,
+        decode: bool = False,
+        deterministic: bool | None = None,
+        head_mask: Bool[Array, " N"] | None = None,
+        head_scale: Float[Array, " N"] | None = None,
+    ) -> Float[Array, "B T F_out"]:
+        """Attend from `inputs_q` to `inputs_kv` (self-attention when it is None).
+
+        Args:
+          inputs_q: `[B, T, F]`.
+          inputs_kv: `[B, S, F_kv]`, or None for self-attention.
+          mask: booleans broadcastable to `[B, N, T, S]`, True = attend (S = L in decode).
+          bias: added to the logits, broadcastable to `[B, N, T, S]` (ALiBi, T5, ...).
+          is_causal: hide later keys. With `decode` the chunk is aligned bottom-right: its
+            query i sits at position `index + i` of the cache.
+          query_seq_lengths: `[B]`; rows past it get output 0 (before the out projection).
+          key_value_seq_lengths: `[B]`; keys past it are hidden (set by the cache in decode).
+          decode: append this chunk's keys and values to the cache (`init_cache` first) and
+            attend over everything cached; positions continue from the cache index.
+          deterministic: no dropout; None = `self.deterministic`.
+          head_mask: `[N]` booleans; False zeroes that head's output (ablation).
+          head_scale: `[N]` multipliers of each head's output.
+
+        Returns:
+          `[B, T, F_out]`.
+        """
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        _check_features("inputs_q", inputs_q, self.in_features)
+        _check_features("inputs_kv", inputs_kv, self.in_kv_features)
+        query = self.query(inputs_q)  # [B, T, N, H]
+        key = self.key(inputs_kv)  # [B, S, K, H]
+        value = self.value(inputs_kv)  # [B, S, K, H]
+        if self.query_ln is not None:
+            query, key = self.query_ln(query), self.key_ln(key)
+
+        kwargs: dict[str, Any] = {
+            "is_causal": is_causal,
+            "query_seq_lengths": query_seq_lengths,
+            "key_value_seq_lengths": key_value_seq_lengths,
+        }
+        offset = 0
+        if decode:
+            if inputs_kv is not inputs_q:
+                raise ValueError("decode=True caches self-attention; pass inputs_kv=None.")
+            if key_value_seq_lengths is not None:
+                raise ValueError("key_value_seq_lengths is set by the KV cache when decode=True.")
+            offset = self.get_cache().index
+        if self.rope is not None:
+            query = apply_rope(query, offset + jnp.arange(query.shape[1]), self.rope)
+            key = apply_rope(key, offset + jnp.arange(key.shape[1]), self.rope)
+        if decode:
+            cache = self.get_cache().append(key, value)
+            self.cache.set_value(cache)
+            key, value = cache.key, cache.value  # [B, L, K, H]
+            new = query.shape[1] if query_seq_lengths is None else query_seq_lengths
+            kwargs["key_value_seq_lengths"] = jnp.broadcast_to(
+                offset + new, (query.shape[0],)
+            ).astype(jnp.int32)
+            if is_causal:
+                kwargs["causal_alignment"] = "bottom_right"
+        visibility = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+
+        deterministic = self.deterministic if deterministic is None else deterministic
+        call_kwargs = dict(visibility)
+        if self.implementation is not None:
+            call_kwargs["implementation"] = self.implementation
+        if self.dropout_rate > 0.0 and not deterministic:
+            call_kwargs.update(dropout_rate=self.dropout_rate, dropout_key=self.rngs())
+        x = self.attention_fn(query, key, value, bias, mask, **call_kwargs)  # [B, T, N, H]
+
+        if self.capture is not None:
+            self.sow_captured(
+                capture_reference_weights(self.capture, query, key, value, bias, mask, **visibility)
+            )
+        x = _intervene(x, head_mask, head_scale)
+        return self.out(x)
+
+
+def _check_features(name: str, x: Array, features: int) -> None:
+    if x.ndim != 3 or x.shape[-1] != features:
+        raise ValueError(
+            f"{name} must have shape [B, length, {features}], got shape {tuple(x.shape)}."
+        )
+
+
+def _intervene(
+    x: Float[Array, "B T N H"], head_mask: Array | None, head_scale: Array | None
+) -> Float[Array, "B T N H"]:
+    """Per-head ablation and scaling of the attention output, before the out projection."""
+    N = x.shape[2]
+    for name, given in (("head_mask", head_mask), ("head_scale", head_scale)):
+        if given is not None and jnp.shape(given) != (N,):
+            raise ValueError(f"{name} must have shape [N] = [{N}], got {tuple(jnp.shape(given))}.")
+    if head_mask is not None:
+        x = jnp.where(jnp.asarray(head_mask, bool)[:, None], x, jnp.zeros((), x.dtype))
+    if head_scale is not None:
+        x = x * jnp.asarray(head_scale, x.dtype)[:, None]
+    return x
