@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import re
 import tempfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
@@ -246,7 +247,7 @@ def _wrap(title: str, fig: Figure, fontsize: float = 10, fraction: float = 0.95)
     return "\n".join(textwrap.wrap(title, width=width, break_long_words=False)) or title
 
 
-def _two_lines(name: str, width: int = 22) -> str:
+def _two_lines(name: str, width: int = 26) -> str:
     """A long layer name split at a '/' or space near the middle, then shortened."""
     if len(name) <= width:
         return name
@@ -423,9 +424,9 @@ def plot_head_stats(
     if len(names) != L:
         raise ValueError(f"{len(names)} layer names for {L} layers")
     K = len(arrays)
-    panel_w, panel_h = 1.2 + 0.45 * N, 0.8 + 0.32 * L
+    panel_w, panel_h = 0.9 + 0.5 * N, 0.8 + 0.42 * L
     fig = Figure(
-        figsize=(min(K * (panel_w + 2.3), 20), min(max(panel_h + 1.2, 3.0), 14)),
+        figsize=(min(2.0 + K * (panel_w + 1.0), 20), min(max(panel_h + 1.2, 3.0), 14)),
         layout="constrained",
     )
     axes = fig.subplots(1, K, squeeze=False)[0]
@@ -447,7 +448,7 @@ def plot_head_stats(
         if L * N <= 96:
             _annotate(ax, a, valid, im.norm, fmt="{:.2f}" if vmax < 10 else "{:.1f}", size=7)
         ax.set_xticks(np.arange(N), [str(i) for i in range(N)], fontsize=8)
-        ax.set_yticks(np.arange(L), [_short(n, 28) for n in names], fontsize=8)
+        ax.set_yticks(np.arange(L), [_two_lines(n) for n in names], fontsize=7)
         if ax is not axes[0]:
             ax.set_yticklabels([])
         ax.set_xlabel("head")
@@ -689,6 +690,20 @@ def plot_training_curves(
 PLOT_KINDS = ("heatmap", "grid", "rollout", "stats", "text", "curves")
 
 
+def _model_order(paths: Sequence[str], kinds: Mapping[str, str]) -> list[str]:
+    """Encoder layers first, layer numbers compared as numbers, self- before cross-attention
+    within a block: model order for the usual layouts, whatever order the export lists."""
+
+    def key(path: str):
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        natural = tuple(
+            (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", parent) if t
+        )
+        return (kinds[path] != "encoder", natural, kinds[path] == "cross", path)
+
+    return sorted(paths, key=key)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "layer"
 
@@ -727,8 +742,9 @@ def plot_export(
     example %= B
     if layer is not None and layer not in export.kinds:
         raise ValueError(f"no layer {layer!r} in the export; layers: {list(export.paths)}")
-    cross = [p for p in export.paths if export.kinds[p] == "cross"]
-    main = layer or (cross[-1] if cross else export.paths[-1])
+    ordered = _model_order(export.paths, export.kinds)
+    cross = [p for p in ordered if export.kinds[p] == "cross"]
+    main = layer or (cross[-1] if cross else ordered[-1])
     out_dir = Path(out_dir)
     written, skipped = [], []
     task = export.meta.get("task") or "attention"
@@ -765,7 +781,7 @@ def plot_export(
         )
 
     if "grid" in kinds:
-        paths = [layer] if layer else list(export.paths)
+        paths = [layer] if layer else ordered
         layers, lengths, tokens = {}, {}, {}
         for p in paths:
             w, qt, kt, ql, kl = one(p)
@@ -781,8 +797,8 @@ def plot_export(
         written.append(save_figure(fig, out_dir / f"grid_ex{example}.{fmt}"))
 
     if "rollout" in kinds:
-        stack_kind = "self" if any(export.kinds[p] == "self" for p in export.paths) else "encoder"
-        stack = [p for p in export.paths if export.kinds[p] == stack_kind]
+        stack_kind = "self" if any(export.kinds[p] == "self" for p in ordered) else "encoder"
+        stack = [p for p in ordered if export.kinds[p] == stack_kind]
         if not stack:
             skip("rollout: the export has no self-attention layers")
         else:
@@ -801,10 +817,10 @@ def plot_export(
             written.append(save_figure(fig, out_dir / f"rollout_{stack_kind}_ex{example}.{fmt}"))
 
     if "stats" in kinds:
-        layers = {p: export.layers[p] for p in export.paths}
-        lengths = {p: export.lengths(p) for p in export.paths}
+        layers = {p: export.layers[p] for p in ordered}
+        lengths = {p: export.lengths(p) for p in ordered}
         stats = analysis.layer_head_stats(layers, lengths, unit="bits")
-        names = [f"{p} ({export.kinds[p]})" for p in export.paths]
+        names = [f"{p} ({export.kinds[p]})" for p in ordered]
         fig = plot_head_stats(
             stats, names, unit="bits", title=f"per-head statistics over {B} examples — {tag}"
         )
