@@ -593,6 +593,8 @@ def _series(records: Iterable[Mapping]) -> dict[str, tuple[list, list]]:
     for index, rec in enumerate(records):
         step = rec.get("step", index)
         split = rec.get("split") or rec.get("kind") or rec.get("phase")
+        if split in ("meta", "config", "info"):  # run descriptions, not measurements
+            continue
         for key, value in rec.items():
             if key in _NOT_METRICS or key in ("split", "kind", "phase"):
                 continue
@@ -600,7 +602,7 @@ def _series(records: Iterable[Mapping]) -> dict[str, tuple[list, list]]:
                 continue
             if not math.isfinite(value):
                 continue
-            name = f"{split}/{key}" if split and "/" not in key else key
+            name = f"{split}/{key}" if split else key
             xs, ys = out.setdefault(name, ([], []))
             xs.append(step)
             ys.append(value)
@@ -675,7 +677,12 @@ def plot_training_curves(
         ax.set_xlabel("step")
         ax.set_ylabel("loss" if group is losses else "metric")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(group) > 3:  # below the axes, where it hides no curve
+            ax.legend(
+                fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False
+            )
+        else:
+            ax.legend(fontsize=8)
         if group is losses and all(y > 0 for _, ys in group.values() for y in ys):
             ys = [y for _, ys in group.values() for y in ys]
             if max(ys) / min(ys) > 30:
