@@ -180,7 +180,7 @@ def _cell_figsize(T: int, S: int, extra_w=2.4, extra_h=1.6, cell=0.28, span=9.0)
     """Figure size for a [T, S] matrix: ``cell`` inches per token, at most ``span`` inches."""
     cell = min(cell, span / max(T, S, 1))
     width = min(max(extra_w + cell * S, 4.5), extra_w + span)
-    height = min(max(extra_h + cell * T, 3.5), extra_h + span)
+    height = min(max(extra_h + cell * T, 2.8), extra_h + span)
     return width, height
 
 
