@@ -1,0 +1,44 @@
+"""flaxattn.bench: benchmark attention implementations on whatever machine this is.
+
+`python experiments/benchmark.py` is the command line; this package is the library under it:
+
+* `Sweep` and `PRESETS` (`tiny`, `cpu`, `gpu`, `tpu`): lengths, head dims, heads, GQA ratios,
+  dtypes, causal or not, forward and forward+backward.
+* `IMPLEMENTATIONS` and `register`: the registry of what can be compared (flaxattn's reference,
+  blocked and Pallas kernels, jax.nn with XLA and cuDNN, flax.linen and flax.nnx).
+* `run_sweep`: one JSON record per point, implementation and pass (fields `RECORD_FIELDS`),
+  with statuses `ok`, `oom`, `unsupported`, `skipped` (memory or time budget) and
+  `error: ...`.
+* `format_table` and `plot_records`: the terminal / markdown table and the PNG plots.
+"""
+
+from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Where, register
+from flaxattn.bench._report import format_table, plot_records
+from flaxattn.bench._runner import (
+    RECORD_FIELDS,
+    device_name,
+    load_records,
+    missing_fields,
+    run_sweep,
+)
+from flaxattn.bench._sweep import PASSES, PRESETS, Point, Sweep, check_sweep, points
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "PASSES",
+    "PRESETS",
+    "RECORD_FIELDS",
+    "Implementation",
+    "Point",
+    "Sweep",
+    "Where",
+    "check_sweep",
+    "device_name",
+    "format_table",
+    "load_records",
+    "missing_fields",
+    "plot_records",
+    "points",
+    "register",
+    "run_sweep",
+]
