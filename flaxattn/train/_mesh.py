@@ -1,0 +1,89 @@
+"""Data (and sequence) parallelism with ``jax.sharding`` meshes over the local devices.
+
+By default the mesh is 1-D, ``('data',)``: parameters and optimizer state are replicated and
+each batch is split along its leading (example) axis. ``mesh='data=D,seq=S'`` makes a 2-D
+``('data', 'seq')`` mesh that also splits the sequence axis (axis 1) of every batch array
+whose length ``S`` divides; XLA's SPMD partitioner propagates that sharding through the model
+and inserts the collectives. ``jax.jit`` adds the gradient all-reduce, so the training step
+is the same program on one device or many, on CPU, GPU or TPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+SEQ_AXIS = "seq"
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``'data=4,seq=2'`` -> ``{'data': 4, 'seq': 2}`` (axes in that order; seq optional)."""
+    axes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, size = part.partition("=")
+        name = name.strip()
+        if not sep or name not in (DATA_AXIS, SEQ_AXIS) or name in axes:
+            raise ValueError(f"mesh={spec!r}: expected 'data=D' or 'data=D,seq=S' (each axis once)")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"mesh={spec!r}: the size of axis {name!r} must be a positive int")
+        axes[name] = int(size)
+    if DATA_AXIS not in axes:
+        raise ValueError(f"mesh={spec!r}: the 'data' axis is required, e.g. 'data=1,seq=4'")
+    return {DATA_AXIS: axes[DATA_AXIS], SEQ_AXIS: axes.get(SEQ_AXIS, 1)}
+
+
+def make_mesh(num_devices: int = 0, spec: str = "") -> Mesh:
+    """The training mesh: ``('data',)`` over ``num_devices`` local devices (0: all of them),
+    or the ``('data', 'seq')`` mesh that ``spec`` (see :func:`parse_mesh`) describes."""
+    devices = jax.local_devices()
+    if spec:
+        axes = parse_mesh(spec)
+        need = axes[DATA_AXIS] * axes[SEQ_AXIS]
+        if need > len(devices):
+            raise ValueError(
+                f"mesh={spec!r} needs {need} devices but there are {len(devices)} local "
+                f"devices ({devices[0].platform})"
+            )
+        grid = np.array(devices[:need]).reshape(axes[DATA_AXIS], axes[SEQ_AXIS])
+        return Mesh(grid, (DATA_AXIS, SEQ_AXIS))
+    if num_devices < 0 or num_devices > len(devices):
+        raise ValueError(
+            f"data_parallel={num_devices} but there are {len(devices)} local devices "
+            f"({devices[0].platform})"
+        )
+    return Mesh(np.array(devices[: num_devices or len(devices)]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Examples over 'data'; axis 1 over 'seq' too when the mesh has one and it divides."""
+    seq = mesh.shape.get(SEQ_AXIS, 1)
+    if seq > 1 and len(shape) >= 2 and shape[1] % seq == 0:
+        return NamedSharding(mesh, PartitionSpec(DATA_AXIS, SEQ_AXIS))
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.shape[DATA_AXIS]
+    if batch_size % n:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {n} devices on the "
+            f"'{DATA_AXIS}' mesh axis; choose a multiple of {n} or set data_parallel / mesh"
+        )
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, *, shard: bool = True):
+    """Device arrays of ``batch``: split over the mesh (see :func:`batch_sharding`), or
+    replicated."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.device_put(v, batch_sharding(mesh, v.shape) if shard else replicated(mesh))
+    return out

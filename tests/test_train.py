@@ -1,0 +1,284 @@
+"""flaxattn.train: the loop (resume, metrics, data parallel) and every task at tiny size.
+
+The loop's own tests use a stand-in model that lives only here; the task tests run the real
+models of flaxattn.nn for a few steps through ``train_and_evaluate`` in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import flaxattn.nn
+from flaxattn import data
+from flaxattn.export import load_attention
+from flaxattn.train import (
+    MetricsWriter,
+    Task,
+    TrainConfig,
+    default_config,
+    export_checkpoint,
+    train_and_evaluate,
+    truncate_metrics,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- a stand-in
+
+
+class StandIn(nnx.Module):
+    """Two dense layers with dropout: enough to exercise params, RNG streams and the loop."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(4, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x, *, deterministic: bool):
+        h = self.drop(jax.nn.relu(self.l1(x)), deterministic=deterministic)
+        return self.l2(h)[..., 0]
+
+
+def _regression_batch(seed, stream, step, n):
+    x = data.make_rng(seed, stream, step).normal(size=(n, 4)).astype(np.float32)
+    return {"x": x, "y": x @ np.arange(1, 5, dtype=np.float32)}
+
+
+def _mse(model, b):
+    return jnp.mean((model(b["x"], deterministic=True) - b["y"]) ** 2)
+
+
+class StandInTask(Task):
+    def make_model(self, rngs):
+        return StandIn(rngs)
+
+    def train_batch(self, step):
+        return _regression_batch(self.config.seed, "train", step, self.config.batch_size)
+
+    def loss(self, model, b):
+        return jnp.mean((model(b["x"], deterministic=False) - b["y"]) ** 2), {}
+
+    def evaluate(self, run):
+        return {"mse": float(run(_mse, _regression_batch(self.config.seed, "eval", 0, 32)))}
+
+
+STANDIN = TrainConfig(
+    task="standin",
+    steps=8,
+    batch_size=8,
+    log_every=1,
+    eval_every=4,
+    checkpoint_every=3,
+    figures=False,
+    learning_rate=1e-2,
+    warmup_steps=2,
+)
+
+
+def _standin_run(workdir, config=STANDIN, **kwargs):
+    return train_and_evaluate(config, workdir, task=StandInTask(config), progress=False, **kwargs)
+
+
+def _saved_state(workdir, step):
+    return ocp.StandardCheckpointer().restore(Path(workdir, "checkpoints", str(step), "state"))
+
+
+def _max_diff(a, b) -> float:
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def _records(workdir):
+    lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_loop_writes_metrics_checkpoints_and_results(tmp_path):
+    results = _standin_run(tmp_path)
+    assert results["step"] == 8 and np.isfinite(results["mse"])
+    records = _records(tmp_path)
+    assert records[0]["split"] == "meta" and records[0]["config"]["steps"] == 8
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all({"loss", "learning_rate", "examples_per_sec"} <= r.keys() for r in train)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["final"]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [6, 8]
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 8
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
+    _standin_run(tmp_path / "straight")
+
+    def interrupt(step):
+        if step == 5:  # not a checkpoint step: the Ctrl-C path must save step 5 itself
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _standin_run(tmp_path / "resumed", on_step=interrupt)
+    assert (tmp_path / "resumed" / "checkpoints" / "5").is_dir()
+    _standin_run(tmp_path / "resumed", resume=True)
+    straight, resumed = (_saved_state(tmp_path / d, 8) for d in ("straight", "resumed"))
+    assert _max_diff(straight, resumed) == 0.0
+    steps = [r["step"] for r in _records(tmp_path / "resumed") if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # no step lost, none repeated
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    _standin_run(tmp_path, dataclasses.replace(STANDIN, steps=3))
+    with pytest.raises(FileExistsError, match="--resume"):
+        _standin_run(tmp_path, dataclasses.replace(STANDIN, steps=3))
+
+
+def test_fixed_seed_reproduces_and_other_seed_differs(tmp_path):
+    config = dataclasses.replace(STANDIN, steps=3, eval_every=0)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _standin_run(tmp_path / name, dataclasses.replace(config, seed=seed))
+    a, b, c = (_saved_state(tmp_path / n, 3)["params"] for n in "abc")
+    assert _max_diff(a, b) == 0.0 and _max_diff(a, c) > 0.0
+
+
+def test_metrics_writer_appends_lines_and_truncates(tmp_path):
+    path = tmp_path / "m.jsonl"
+    with MetricsWriter(path) as w:
+        for step in range(5):
+            w.write({"step": step, "loss": np.float32(step) / 2, "bad": float("nan")})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[3]) == {"step": 3, "loss": 1.5, "bad": None}
+    truncate_metrics(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_batch_size_must_divide_devices(tmp_path):
+    config = dataclasses.replace(STANDIN, batch_size=7, data_parallel=1)
+    _standin_run(tmp_path / "one", dataclasses.replace(config, steps=1))  # 1 device: fine
+    with pytest.raises(ValueError, match="data_parallel=9"):
+        _standin_run(tmp_path / "many", dataclasses.replace(config, data_parallel=9))
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import os, sys, dataclasses, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np, orbax.checkpoint as ocp
+    from flaxattn.train import default_config, train_and_evaluate
+    assert jax.local_device_count() == 8, jax.devices()
+    out, text = sys.argv[1], sys.argv[2]
+    base = dataclasses.replace(
+        default_config("charlm"), text=text, steps=3, batch_size=8, log_every=1, eval_every=0,
+        checkpoint_every=0, eval_examples=4, export_examples=0, num_samples=0, figures=False,
+        context=16, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout_rate=0.1)
+    runs = {"one": dict(data_parallel=1), "data4": dict(data_parallel=4),
+            "data2xseq4": dict(mesh="data=2,seq=4")}
+    params, losses = {}, {}
+    for name, change in runs.items():
+        train_and_evaluate(dataclasses.replace(base, **change), f"{out}/{name}", progress=False)
+        state = ocp.StandardCheckpointer().restore(f"{out}/{name}/checkpoints/3/state")
+        params[name] = state["params"]
+        records = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+        losses[name] = [r["loss"] for r in records if r["split"] == "train"]
+    for name in ("data4", "data2xseq4"):
+        diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                            params["one"], params[name])
+        print(name, "PARAMS", max(jax.tree.leaves(diff)),
+              "LOSS", float(np.max(np.abs(np.subtract(losses["one"], losses[name])))))
+    """
+)
+
+
+def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(tmp_path):
+    """4 'data' devices, and a 2 x 4 'data' x 'seq' mesh, train as one device does."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("a small corpus for a sharded run. " * 20, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), str(text)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if "PARAMS" in line]
+    assert [line[0] for line in lines] == ["data4", "data2xseq4"]
+    for _, _, params_diff, _, loss_diff in lines:
+        assert float(params_diff) < 1e-5 and float(loss_diff) < 1e-5, proc.stdout
+
+
+# ----------------------------------------------------------------------------- every task
+
+
+# eval_examples == export_examples: export reuses the functions compiled for evaluation.
+TINY = dict(steps=3, batch_size=8, log_every=1, eval_every=2, checkpoint_every=0,
+            eval_examples=4, export_examples=4, figures=False)  # fmt: skip
+TINY_TRANSFORMER = dict(d_model=16, num_heads=2, num_layers=1, d_ff=32)
+TINY_RNN = dict(embed_dim=8, hidden_dim=8)
+
+
+def _needs(*names):
+    missing = [n for n in names if not hasattr(flaxattn.nn, n)]
+    return pytest.mark.skipif(bool(missing), reason=f"flaxattn.nn lacks {missing}")
+
+
+CASES = {
+    "reverse": ({**TINY_TRANSFORMER, "max_len": 5, "figures": True}, ["exact_match", "alignment"]),
+    "sort": ({**TINY_TRANSFORMER, "max_len": 5}, ["exact_match", "alignment"]),  # slow: as reverse
+    "dates-rnn": ({**TINY_RNN, "model": "rnn"}, ["exact_match", "alignment", "alignment_year"]),
+    "dates-transformer": (
+        {**TINY_TRANSFORMER, "model": "transformer"}, ["exact_match", "alignment_day"]),
+    "sentiment-rnn": ({**TINY_RNN, "model": "rnn"},
+                      ["accuracy", "attention_mass_on_sentiment", "uniform_baseline"]),
+    "sentiment-transformer": ({**TINY_TRANSFORMER, "model": "transformer"},
+                              ["accuracy", "attention_mass_on_sentiment", "uniform_baseline"]),
+    "charlm": ({**TINY_TRANSFORMER, "context": 16, "sample_chars": 8, "num_samples": 1},
+               ["bits_per_char"]),
+    "nadaraya_watson": ({"n_train": 12, "n_test": 6}, ["mse", "mse_nonparametric"]),
+}  # fmt: skip
+NEEDS = {
+    "dates-rnn": ("BahdanauSeq2Seq",),
+    "sentiment-rnn": ("RNNAttentionClassifier",),
+    "nadaraya_watson": ("NadarayaWatson",),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_needs(*NEEDS.get(c, ()))) for c in CASES])
+def test_task_runs_end_to_end_at_tiny_size(case, tmp_path):
+    changes, expected = CASES[case]
+    config = dataclasses.replace(default_config(case.split("-")[0]), **{**TINY, **changes})
+    if config.task == "charlm":
+        text = tmp_path / "corpus.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+        config = dataclasses.replace(config, text=str(text))
+    results = train_and_evaluate(config, tmp_path / "run", progress=False)
+    for name in expected:
+        assert np.isfinite(results[name]), (name, results)
+    records = _records(tmp_path / "run")
+    final = [r for r in records if r.get("final")][-1]
+    assert all(name in final for name in expected)
+    export = load_attention(tmp_path / "run" / "attention.npz")
+    assert export.meta["task"] == config.task and export.meta["step"] == 3
+    for path in export.paths:
+        w = export.layers[path]
+        assert w.ndim == 4 and np.all(np.isfinite(w))
+    if config.figures:
+        figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
+        assert "training_curves.png" in figures and any(f.startswith("heatmap") for f in figures)
+    if config.task == "charlm":
+        assert (tmp_path / "run" / "samples.txt").read_text().strip()
+    if config.task == "reverse":  # re-exporting from the checkpoint gives the same weights
+        again = load_attention(export_checkpoint(tmp_path / "run", tmp_path / "again.npz"))
+        assert again.paths == export.paths and again.meta["step"] == 3
+        for path in export.paths:
+            np.testing.assert_allclose(again.layers[path], export.layers[path], atol=1e-6)
