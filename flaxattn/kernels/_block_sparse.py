@@ -1,0 +1,305 @@
+"""Block-sparse attention: each query block attends to a list of key blocks, the rest skipped.
+
+The sequence is cut into blocks of `b` positions. A *plan* gives, for groups of query blocks,
+the key blocks each one reads (`idx [R, nk]`, padded with `valid = False`). The kernel gathers
+exactly those key blocks, so the cost is O(T·nk·b) and a block outside the plan is never
+computed, not masked. Inside the gathered blocks the usual element-level visibility (causal,
+window, lengths, masks, `mask_mod`) still applies, so the result equals exact attention masked
+by the same block pattern.
+
+`block_sparse_attention` uses BigBird's pattern (global + sliding window + random blocks);
+`local_attention` (`_local.py`) uses the band of blocks around each query block.
+
+Reference: Zaheer et al., "Big Bird: Transformers for Longer Sequences" (NeurIPS 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jaxtyping import Float
+
+from flaxattn.kernels._linear import check_inputs, unbatched
+from flaxattn.kernels._reference import _split_heads
+from flaxattn.kernels._single_head import MaskMod, ScoreMod
+from flaxattn.kernels._softmax import masked_softmax
+from flaxattn.kernels._visibility import Limits, Visibility
+
+DEFAULT_BLOCK_SIZE = 64
+
+
+class RowGroup(NamedTuple):
+    """Query blocks `rows [R]` (static) each reading key blocks `idx [R, nk]` where `valid`."""
+
+    rows: np.ndarray
+    idx: Array
+    valid: Array
+
+
+Plan = Callable[[Limits], Sequence[RowGroup]]
+"""`plan(limits) -> groups`, called per example (limits are scalars there)."""
+
+
+def _gather_dense(x: Array | None, rows: np.ndarray, idx: Array, b: int) -> Array | None:
+    """The `[R, b|1, nk·b|1]` part of a `[Tp|1, Sp|1]` bias or mask that a row group reads."""
+    if x is None:
+        return None
+    t, s = x.shape
+    R, nk = idx.shape
+    if t > 1 and s > 1:
+        x = x.reshape(t // b, b, s // b, b)[rows]  # [R, b, nKB, b]
+        x = jnp.take_along_axis(x, idx[:, None, :, None], axis=2)  # [R, b, nk, b]
+        return x.reshape(R, b, nk * b)
+    if t > 1:
+        return x.reshape(t // b, b, 1)[rows]  # [R, b, 1]
+    if s > 1:
+        return x.reshape(s // b, b)[idx].reshape(R, 1, nk * b)
+    return x[None]  # [1, 1, 1]
+
+
+def gathered_block_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    *,
+    plan: Plan,
+    block_size: int,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    visibility: Visibility | None = None,
+    scale: float,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+) -> Float[Array, "B T N Hv"]:
+    """Attention computed only on the key blocks that `plan` lists for each query block.
+
+    Inputs are validated already (`bias`, `mask` rank 4). `T` and `S` are padded up to
+    multiples of `block_size`; the padding is invisible through the limits. Query blocks that
+    no group lists get output 0.
+
+    Returns:
+      `[B, T, N, Hv]` in the input dtype.
+    """
+    visibility = Visibility() if visibility is None else visibility
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    b = block_size
+    Tp, Sp = -(-T // b) * b, -(-S // b) * b
+    limits = visibility.limits(B, T, S)  # real lengths: padded rows and keys are hidden
+
+    def pad(x, axis, size):
+        if x is None or x.shape[axis] == 1:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, size - x.shape[axis])
+        return jnp.pad(x, widths)
+
+    q = pad(query, 1, Tp).reshape(B, Tp, K, G, H)
+    k, v = pad(key, 1, Sp), pad(value, 1, Sp)
+    bias, bias_axes = _split_heads(pad(pad(bias, 2, Tp), 3, Sp), K, G)
+    mask, mask_axes = _split_heads(pad(pad(mask, 2, Tp), 3, Sp), K, G)
+    offsets = jnp.arange(b)
+
+    def one_head(q, k, v, bias, mask, limits: Limits):
+        # q [Tp, H], k [Sp, H], v [Sp, Hv]; bias, mask [Tp|1, Sp|1]; limits scalars.
+        q_blocks = q.reshape(Tp // b, b, -1)
+        k_blocks, v_blocks = k.reshape(Sp // b, b, -1), v.reshape(Sp // b, b, -1)
+        out = jnp.zeros((Tp // b, b, v.shape[-1]), jnp.float32)
+        for group in plan(limits):
+            R, nk = group.idx.shape
+            q_pos = group.rows[:, None] * b + offsets  # [R, b]
+            kv_pos = (group.idx[:, :, None] * b + offsets).reshape(R, nk * b)
+            kg = k_blocks[group.idx].reshape(R, nk * b, -1)  # [R, nk·b, H]
+            vg = v_blocks[group.idx].reshape(R, nk * b, -1)
+            logits = (
+                jnp.einsum(
+                    "rbh,rkh->rbk", q_blocks[group.rows], kg, preferred_element_type=jnp.float32
+                )
+                * scale
+            )  # [R, b, nk·b]
+            if bias is not None:
+                logits = logits + _gather_dense(bias, group.rows, group.idx, b).astype(jnp.float32)
+            qi, ki = q_pos[:, :, None], kv_pos[:, None, :]
+            if score_mod is not None:
+                logits = score_mod(logits, qi, ki)
+            visible = visibility.visible(qi, ki, limits) & (ki >= 0)
+            visible &= jnp.repeat(group.valid, b, axis=1)[:, None, :]
+            if mask is not None:
+                visible &= _gather_dense(mask, group.rows, group.idx, b)
+            if mask_mod is not None:
+                visible &= mask_mod(qi, ki)
+            weights, _ = masked_softmax(logits, visible)
+            rows_out = jnp.einsum("rbk,rkv->rbv", weights, vg.astype(jnp.float32))
+            out = out.at[group.rows].set(rows_out)
+        return out.reshape(Tp, -1)
+
+    per_group = jax.vmap(one_head, in_axes=(1, None, None, bias_axes[2], mask_axes[2], None))
+    per_kv_head = jax.vmap(per_group, in_axes=(1, 1, 1, bias_axes[1], mask_axes[1], None))
+    per_example = jax.vmap(per_kv_head, in_axes=(0, 0, 0, bias_axes[0], mask_axes[0], 0))
+    out = per_example(q, k, v, bias, mask, limits)  # [B, K, G, Tp, Hv]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, Tp, N, -1)[:, :T]
+    return out.astype(query.dtype)
+
+
+def bigbird_block_layout(
+    num_q_blocks: int,
+    num_kv_blocks: int,
+    *,
+    num_global_blocks: int = 1,
+    window_blocks: int = 1,
+    num_random_blocks: int = 1,
+    seed: int = 0,
+    is_causal: bool = False,
+) -> np.ndarray:
+    """BigBird's block pattern `[num_q_blocks, num_kv_blocks]` (True = computed).
+
+    - global: the first `num_global_blocks` query blocks read every key block, and every query
+      block reads the first `num_global_blocks` key blocks;
+    - window: query block `i` reads key blocks `i - window_blocks .. i + window_blocks`;
+    - random: each other query block reads `num_random_blocks` more key blocks, drawn without
+      replacement from those not already read (and, if `is_causal`, not after block `i`).
+
+    The pattern is fixed by `seed` (numpy), as in BigBird, so it is static under `jit`.
+    """
+    for name, n in (
+        ("num_global_blocks", num_global_blocks),
+        ("window_blocks", window_blocks),
+        ("num_random_blocks", num_random_blocks),
+    ):
+        if n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n}.")
+    layout = np.zeros((num_q_blocks, num_kv_blocks), bool)
+    layout[:num_global_blocks, :] = True
+    layout[:, :num_global_blocks] = True
+    for i in range(num_q_blocks):
+        layout[i, max(0, i - window_blocks) : i + window_blocks + 1] = True
+    rng = np.random.default_rng(seed)
+    for i in range(num_global_blocks, num_q_blocks):
+        free = ~layout[i]
+        if is_causal:
+            free[i + 1 :] = False
+        choices = np.flatnonzero(free)
+        picked = rng.choice(choices, size=min(num_random_blocks, choices.size), replace=False)
+        layout[i, picked] = True
+    if is_causal:
+        layout &= np.tril(np.ones_like(layout))
+    return layout
+
+
+def layout_plan(layout: np.ndarray) -> list[RowGroup]:
+    """Row groups for a static block layout: rows bucketed by how many key blocks they read
+    (powers of two), each padded to its bucket's largest count; empty rows are left out."""
+    counts = layout.sum(axis=1)
+    buckets = np.where(counts > 0, np.ceil(np.log2(np.maximum(counts, 1))).astype(int), -1)
+    groups = []
+    for bucket in np.unique(buckets[buckets >= 0]):
+        rows = np.flatnonzero(buckets == bucket)
+        nk = int(counts[rows].max())
+        idx = np.zeros((rows.size, nk), np.int32)
+        valid = np.zeros((rows.size, nk), bool)
+        for r, row in enumerate(rows):
+            cols = np.flatnonzero(layout[row])
+            idx[r, : cols.size] = cols
+            valid[r, : cols.size] = True
+        groups.append(RowGroup(rows, jnp.asarray(idx), jnp.asarray(valid)))
+    return groups
+
+
+def block_sparse_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    layout: np.ndarray | None = None,
+    num_global_blocks: int = 1,
+    window_blocks: int = 1,
+    num_random_blocks: int = 1,
+    seed: int = 0,
+) -> Float[Array, "B T N Hv"]:
+    """BigBird-style block-sparse attention: global, window and random key blocks per query block.
+
+    Equals exact attention masked by the block pattern (expanded to positions) and by the
+    usual masks; blocks outside the pattern are skipped, so the cost is
+    O(T·(global + window + random)·b) plus O(global·b·S) for the global rows.
+
+    Args:
+      query: `[B, T, N, H]` (or `[T, N, H]`).
+      key: `[B, S, K, H]`; `K` divides `N`.
+      value: `[B, S, K, Hv]`.
+      bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, causal_alignment, score_mod, mask_mod: as in
+        `dot_product_attention`; they act inside the computed blocks.
+      block_size: `b`, positions per block (`T` and `S` are padded up to a multiple).
+      layout: a static bool `[ceil(T/b), ceil(S/b)]` block pattern; default
+        `bigbird_block_layout` with the next four arguments.
+      num_global_blocks, window_blocks, num_random_blocks, seed: BigBird's pattern.
+
+    Returns:
+      `[B, T, N, Hv]` in the input dtype; a query with nothing visible gives 0.
+    """
+    dims, bias, mask, visibility = check_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        causal_alignment=causal_alignment,
+    )
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size}.")
+    shape = (-(-dims.T // block_size), -(-dims.S // block_size))
+    if layout is None:
+        layout = bigbird_block_layout(
+            *shape,
+            num_global_blocks=num_global_blocks,
+            window_blocks=window_blocks,
+            num_random_blocks=num_random_blocks,
+            seed=seed,
+            is_causal=is_causal,
+        )
+    layout = np.asarray(layout, bool)
+    if layout.shape != shape:
+        raise ValueError(
+            f"layout must have shape [ceil(T/b), ceil(S/b)] = {list(shape)} for block_size="
+            f"{block_size}, got {layout.shape}."
+        )
+    if is_causal and causal_alignment == "top_left":  # blocks wholly in the future: never read
+        layout = layout & np.tril(np.ones_like(layout))
+    groups = layout_plan(layout)
+    return gathered_block_attention(
+        query,
+        key,
+        value,
+        plan=lambda limits: groups,
+        block_size=block_size,
+        bias=bias,
+        mask=mask,
+        visibility=visibility,
+        scale=1.0 / dims.H**0.5 if scale is None else scale,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+    )
+
+
+block_sparse_attention = unbatched(block_sparse_attention)
