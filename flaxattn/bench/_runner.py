@@ -293,7 +293,7 @@ def run_sweep(
         for point in sweep_points:
             arrays = _inputs(point)
             reference = _Reference(point, arrays, sweep.error_rows)
-            where_base = dict(
+            where = Where(
                 platform=shared["platform"], device_kind=shared["device_kind"],
                 allow_interpret=preset == "tiny", dtype=point.dtype, head_dim=point.head_dim,
             )
@@ -303,7 +303,7 @@ def run_sweep(
                         f"{impl.name} T={point.seq_len} {point.dtype} {pass_}", refresh=False
                     )
                     record = run_point(
-                        impl, pass_, point, arrays, reference, sweep, Where(**where_base),
+                        impl, pass_, point, arrays, reference, sweep, where,
                         peaks[point.dtype], history,
                     )
                     record.update(shared, timestamp=_now())

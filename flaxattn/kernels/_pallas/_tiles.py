@@ -179,6 +179,17 @@ def _floor(x: Array, b: int) -> Array:
     return lax.div(jnp.maximum(x, 0), b)
 
 
+def _to_blocks(lo, hi, full_lo, full_hi, math_: TileMath, block: int):
+    """Index ranges `[lo, hi)` (any visible) and `[full_lo, full_hi)` (all visible) as blocks."""
+    if math_.mask_mod is not None:  # it may hide anything: no block is known to be full
+        full_hi = full_lo
+    lo_block = _floor(lo, block)
+    hi_block = jnp.where(hi > lo, jnp.maximum(_cdiv(hi, block), lo_block), lo_block)
+    full_lo_block = jnp.clip(_cdiv(full_lo, block), lo_block, hi_block)
+    full_hi_block = jnp.clip(_floor(full_hi, block), full_lo_block, hi_block)
+    return lo_block, hi_block, full_lo_block, full_hi_block
+
+
 def key_blocks(
     math_: TileMath, q_start: Array, bq: int, bk: int, limits: Limits
 ) -> tuple[Array, Array, Array, Array]:
@@ -192,8 +203,6 @@ def key_blocks(
     vis = math_.visibility
     q_stop = q_start + bq
     lo_key, hi_key = vis.key_range(q_start, q_stop, limits)
-    lo = _floor(lo_key, bk)
-    hi = jnp.where(hi_key > lo_key, jnp.maximum(_cdiv(hi_key, bk), lo), lo)
     # Keys that every query of the block sees (only if the whole block is valid).
     first, last = q_start + limits.offset, q_stop - 1 + limits.offset  # query positions
     full_lo_key, full_hi_key = jnp.zeros_like(q_start), limits.kv_len + jnp.zeros_like(q_start)
@@ -203,12 +212,8 @@ def key_blocks(
         left, right = vis.window
         full_lo_key = jnp.maximum(full_lo_key, last - left)
         full_hi_key = jnp.minimum(full_hi_key, first + right + 1)
-    if math_.mask_mod is not None:
-        full_hi_key = full_lo_key
     full_hi_key = jnp.where(q_stop <= limits.q_len, full_hi_key, full_lo_key)
-    full_lo = jnp.clip(_cdiv(full_lo_key, bk), lo, hi)
-    full_hi = jnp.clip(_floor(full_hi_key, bk), full_lo, hi)
-    return lo, hi, full_lo, full_hi
+    return _to_blocks(lo_key, hi_key, full_lo_key, full_hi_key, math_, bk)
 
 
 def query_blocks(
@@ -227,8 +232,6 @@ def query_blocks(
         lo_q = jnp.maximum(lo_q, k_start - right - limits.offset)
         hi_q = jnp.minimum(hi_q, k_stop - 1 + left - limits.offset + 1)
     hi_q = jnp.where(k_start < limits.kv_len, hi_q, lo_q)
-    lo = _floor(lo_q, bq)
-    hi = jnp.where(hi_q > lo_q, jnp.maximum(_cdiv(hi_q, bq), lo), lo)
     # Queries seeing every key of the block (only if all its keys are valid).
     full_lo_q, full_hi_q = zero, limits.q_len + zero
     if vis.is_causal:
@@ -236,9 +239,5 @@ def query_blocks(
     if vis.window is not None:
         full_lo_q = jnp.maximum(full_lo_q, k_stop - 1 - right - limits.offset)
         full_hi_q = jnp.minimum(full_hi_q, k_start + left - limits.offset + 1)
-    if math_.mask_mod is not None:
-        full_hi_q = full_lo_q
     full_hi_q = jnp.where(k_stop <= limits.kv_len, full_hi_q, full_lo_q)
-    full_lo = jnp.clip(_cdiv(full_lo_q, bq), lo, hi)
-    full_hi = jnp.clip(_floor(full_hi_q, bq), full_lo, hi)
-    return lo, hi, full_lo, full_hi
+    return _to_blocks(lo_q, hi_q, full_lo_q, full_hi_q, math_, bq)

@@ -146,6 +146,16 @@ def _dkv_kernel(
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
+def _kv_index_map(cfg: KernelConfig, bq: int, bk: int, nk: int):
+    """Index map of a K or V block for grid `(b, n, i, j)`: kv head `n // G`, block `j` clamped."""
+
+    def index(b, n, i, j, *refs):
+        ranges = key_blocks(cfg.math, i * bq, bq, bk, _limits(b, *refs))
+        return b, lax.div(n, cfg.groups), _clamp(j, ranges, nk), 0
+
+    return index
+
+
 def _interpret(cfg: KernelConfig):
     # True: Pallas's generic interpreter; a `pltpu.InterpretParams` simulates the TPU more
     # faithfully (DMAs, VMEM, parallel grid order) and more slowly.
@@ -163,14 +173,10 @@ def forward(q, k, v, limits: Limits, cfg: KernelConfig):
     """`q [B, Tp, N, H]`, `k [B, Sp, K, H]`, `v [B, Sp, K, Hv]` -> `(out, lse [B, N, Tp])`."""
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, length, H]
     B, N, T, H = q.shape
-    S, Hv, G = k.shape[2], v.shape[-1], cfg.groups
+    S, Hv = k.shape[2], v.shape[-1]
     bq, bk = cfg.blocks.fwd
     nk = S // bk
-
-    def kv_index(b, n, i, j, *refs):
-        ranges = key_blocks(cfg.math, i * bq, bq, bk, _limits(b, *refs))
-        return b, lax.div(n, G), _clamp(j, ranges, nk), 0
-
+    kv_index = _kv_index_map(cfg, bq, bk, nk)
     q_index = lambda b, n, i, j, *refs: (b, n, i, 0)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, math=cfg.math, bq=bq, bk=bk),
@@ -212,11 +218,7 @@ def backward(q, k, v, do, lse2, delta, limits: Limits, cfg: KernelConfig):
 
     bq, bk = cfg.blocks.dq
     nk = S // bk
-
-    def kv_index(b, n, i, j, *refs):
-        ranges = key_blocks(cfg.math, i * bq, bq, bk, _limits(b, *refs))
-        return b, lax.div(n, G), _clamp(j, ranges, nk), 0
-
+    kv_index = _kv_index_map(cfg, bq, bk, nk)
     q_index = lambda b, n, i, j, *refs: (b, n, i, 0)
     row_index = lambda b, n, i, j, *refs: (b, n, 0, i)
     dq = pl.pallas_call(
