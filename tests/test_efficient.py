@@ -245,7 +245,7 @@ LOCAL_CASES = {
 }
 
 
-@pytest.mark.parametrize("block_size", [None, 7])
+@pytest.mark.parametrize("block_size", [None, pytest.param(7, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", list(LOCAL_CASES))
 def test_local_matches_masked_exact(case, block_size):
     kw = dict(LOCAL_CASES[case])

@@ -22,9 +22,7 @@ import pytest
 DEFAULT_CASES = [
     "P2-contiguous-causal-lengths-gqa",
     "P8-zigzag-causal-lengths-gqa",
-    "P8-contiguous-causal",
     "data2xseq4-zigzag-causal-bias-gqa",
-    "P4-striped-causal-window",
     "errors",
 ]
 SLOW_CASES = [
@@ -32,7 +30,7 @@ SLOW_CASES = [
     for p in (2, 4, 8)
     for layout in ("contiguous", "zigzag", "striped")
     for opts in ("plain", "causal-lengths-gqa", "causal-bias-gqa", "window-mask", "crossattn")
-]
+] + ["P8-contiguous-causal", "P4-striped-causal-window"]
 
 
 def run_cases(cases: list[str], timeout: int = 900) -> dict[str, str]:
