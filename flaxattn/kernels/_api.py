@@ -22,10 +22,6 @@ IMPLEMENTATIONS = ("reference", "blocked", "pallas", "xla", "cudnn")
 BLOCKED_MIN_KV_LENGTH = 256
 
 
-def _add_batch(x: Array | None) -> Array | None:
-    return None if x is None else jnp.asarray(x)[None]
-
-
 def choose_implementation(
     *, kv_length: int, needs_weights: bool, dropout: bool, backend: str | None = None
 ) -> str:
@@ -101,9 +97,18 @@ def dot_product_attention(
       `output [B, T, N, Hv]` in the input dtype; with `return_residual`, `(output, residual)`;
       with `return_weights`, `(output, weights)`; with both, `(output, residual, weights)`.
     """
+    V.check_arrays(query=query, key=key, value=value)
+    if not query.ndim == key.ndim == value.ndim:
+        raise ValueError(
+            "query, key and value must all have rank 4 [batch, length, heads, head_dim] or all "
+            f"rank 3 (unbatched), got shapes {tuple(query.shape)}, {tuple(key.shape)} and "
+            f"{tuple(value.shape)}."
+        )
     if query.ndim == 3 and key.ndim == 3 and value.ndim == 3:
+        # Unbatched: bias and mask keep their shapes; like any rank < 4 mask they broadcast
+        # from the right against [1, N, T, S], and a rank-4 one (as jax.nn takes) stays as is.
         results = dot_product_attention(
-            query[None], key[None], value[None], _add_batch(bias), _add_batch(mask),
+            query[None], key[None], value[None], bias, mask,
             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
             implementation=implementation, return_residual=return_residual,
@@ -116,6 +121,7 @@ def dot_product_attention(
     if implementation is not None:
         V.check_choice("implementation", implementation, IMPLEMENTATIONS)
     V.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    V.check_static("is_causal", is_causal, "bool")
     V.check_dropout(dropout_rate, dropout_key)
     bias = V.check_broadcastable("bias", bias, dims, boolean=False)
     mask = V.check_broadcastable("mask", mask, dims, boolean=True)
@@ -126,7 +132,7 @@ def dot_product_attention(
         kv_lengths=V.check_lengths("key_value_seq_lengths", key_value_seq_lengths, dims.B),
         causal_alignment=causal_alignment,
     )
-    scale = 1.0 / (dims.H**0.5) if scale is None else float(scale)
+    scale = V.check_scale(scale, dims.H)
     if implementation is None:
         implementation = choose_implementation(
             kv_length=dims.S, needs_weights=return_weights, dropout=dropout_rate > 0.0
@@ -219,7 +225,9 @@ def attention(
     """
     dims = V.check_qkv(query, key, value, same_head_dim=score_fn is None)
     V.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    V.check_static("is_causal", is_causal, "bool")
     V.check_dropout(dropout_rate, dropout_key)
+    score_params = jax.tree.map(jnp.asarray, score_params)
     for i, p in enumerate(jax.tree.leaves(score_params)):
         if p.ndim == 0 or p.shape[0] != dims.N:
             raise ValueError(

@@ -44,7 +44,7 @@ def alibi_bias(
     distance = (jnp.arange(T)[:, None] + offset) - jnp.arange(S)[None, :]  # [T, S]
     if symmetric:
         distance = jnp.abs(distance)
-    return (-alibi_slopes(num_heads)[:, None, None] * distance)[None].astype(jnp.float32)
+    return (-alibi_slopes(num_heads)[:, None, None] * distance[None])[None].astype(jnp.float32)
 
 
 def relative_position_buckets(

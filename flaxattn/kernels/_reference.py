@@ -15,7 +15,12 @@ from jax import Array
 from jaxtyping import Bool, Float
 
 from flaxattn.kernels._scores import ScoreFn
-from flaxattn.kernels._single_head import MaskMod, ScoreMod, attention_parts
+from flaxattn.kernels._single_head import (
+    MaskMod,
+    ScoreMod,
+    attention_parts_with_keep,
+    dropout_keep_mask,
+)
 from flaxattn.kernels._visibility import Visibility
 
 
@@ -66,35 +71,39 @@ def reference_attention(
       `(output [B, T, N, Hv], weights [B, N, T, S] float32, logsumexp [B, N, T] float32)`.
     """
     visibility = Visibility() if visibility is None else visibility
-    B, T, N, _ = query.shape
+    B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
-    q = query.reshape(B, T, K, G, -1)  # [B, T, K, G, H]
+    q = query.reshape(B, T, K, G, H)  # [B, T, K, G, H]
     limits = visibility.limits(B, T, S)
     bias, bias_axes = _split_heads(bias, K, G)
     mask, mask_axes = _split_heads(mask, K, G)
     params = jax.tree.map(lambda p: p.reshape((K, G) + p.shape[1:]), score_params)
-    keys = None if dropout_rate == 0.0 else jax.random.split(dropout_key, (B, K, G))
+    # Every head's dropout mask in one flat draw (much cheaper to compile than per-head keys
+    # under three vmaps).
+    keep = None
+    if dropout_rate > 0.0:
+        keep = dropout_keep_mask(dropout_key, dropout_rate, (B, K, G, T, S))
     q_idx = jnp.arange(T)[:, None]
     kv_idx = jnp.arange(S)[None, :]
 
-    def one_head(q, k, v, bias, mask, params, dropout_key, limits):
+    def one_head(q, k, v, bias, mask, params, keep, limits):
         visible = None if visibility.is_trivial else visibility.visible(q_idx, kv_idx, limits)
         if mask is not None:
             visible = mask if visible is None else visible & mask
         fn = None
         if score_fn is not None:
             fn = lambda q, k: score_fn(q, k, *(params or ()))
-        return attention_parts(
+        return attention_parts_with_keep(
             q, k, v, score_fn=fn, bias=bias, mask=visible, score_mod=score_mod,
-            mask_mod=mask_mod, dropout_rate=dropout_rate, dropout_key=dropout_key,
+            mask_mod=mask_mod, dropout_rate=dropout_rate, keep=keep,
         )
 
     # Innermost: the G query heads sharing one kv head (k, v, limits not mapped).
     per_group = jax.vmap(one_head, in_axes=(1, None, None, bias_axes[2], mask_axes[2], 0, 0, None))
     per_kv_head = jax.vmap(per_group, in_axes=(1, 1, 1, bias_axes[1], mask_axes[1], 0, 0, None))
     per_example = jax.vmap(per_kv_head, in_axes=(0, 0, 0, bias_axes[0], mask_axes[0], None, 0, 0))
-    out, weights, lse = per_example(q, key, value, bias, mask, params, keys, limits)
+    out, weights, lse = per_example(q, key, value, bias, mask, params, keep, limits)
     # out [B, K, G, T, Hv]; weights [B, K, G, T, S]; lse [B, K, G, T]
-    out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, -1)  # [B, T, N, Hv]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, value.shape[-1])  # [B, T, N, Hv]
     return out, weights.reshape(B, N, T, S), lse.reshape(B, N, T)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
@@ -120,8 +121,10 @@ def cosine_score(
     Returns:
       Logits `[T, S]` in float32, in `[-1/temperature, 1/temperature]`.
     """
-    q = _f32(query)
-    k = _f32(key)
-    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), eps)
-    k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), eps)
-    return (q @ k.T) / temperature
+    def unit(x: Array) -> Array:
+        # max(|x|, eps) as sqrt(max(|x|², eps²)): same value, and the gradient stays finite
+        # at x = 0, where the gradient of jnp.linalg.norm is NaN.
+        squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps**2))
+
+    return (unit(_f32(query)) @ unit(_f32(key)).T) / temperature

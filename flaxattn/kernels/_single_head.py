@@ -15,11 +15,24 @@ from jaxtyping import Bool, Float
 
 from flaxattn.kernels._scores import ScoreFn, scaled_dot_product_score
 from flaxattn.kernels._softmax import masked_softmax
+from flaxattn.kernels._validate import check_dropout
 
 ScoreMod = Callable[[Array, Array, Array], Array]
 """`score_mod(score, q_idx, kv_idx) -> score`, elementwise on broadcast index arrays."""
 MaskMod = Callable[[Array, Array], Array]
 """`mask_mod(q_idx, kv_idx) -> bool`, True = attend, elementwise on broadcast index arrays."""
+
+
+def dropout_keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Bool[Array, "..."]:
+    """Booleans of `shape`, each True (kept) with probability `1 - rate`.
+
+    Drawn flat and reshaped: with JAX's partitionable threefry, compiling the draw of a
+    rank-5 shape (or of a rank-2 one under three vmaps) costs seconds on CPU; rank 1 does not.
+    """
+    size = 1
+    for n in shape:
+        size *= n
+    return jax.random.bernoulli(key, 1.0 - rate, (size,)).reshape(shape)
 
 
 def attention_parts(
@@ -53,6 +66,31 @@ def attention_parts(
       `(output [T, Dv] in value's dtype, weights [T, S] float32 as applied to the values,
       logsumexp [T] float32, -inf for a row with nothing visible)`.
     """
+    check_dropout(dropout_rate, dropout_key)
+    keep = None
+    if dropout_rate > 0.0:
+        keep = dropout_keep_mask(dropout_key, dropout_rate, (query.shape[0], key.shape[0]))
+    return attention_parts_with_keep(
+        query, key, value, score_fn=score_fn, bias=bias, mask=mask, score_mod=score_mod,
+        mask_mod=mask_mod, dropout_rate=dropout_rate, keep=keep,
+    )
+
+
+def attention_parts_with_keep(
+    query: Float[Array, "T D"],
+    key: Float[Array, "S D"],
+    value: Float[Array, "S Dv"],
+    *,
+    score_fn: ScoreFn | None = None,
+    bias: Float[Array, "T S"] | None = None,
+    mask: Bool[Array, "T S"] | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    dropout_rate: float = 0.0,
+    keep: Bool[Array, "T S"] | None = None,
+) -> tuple[Float[Array, "T Dv"], Float[Array, "T S"], Float[Array, " T"]]:
+    """`attention_parts` with the dropout decided by `keep` (True = kept, drawn by the
+    caller: the batched reference draws every head's mask at once), not by a key."""
     score_fn = scaled_dot_product_score if score_fn is None else score_fn
     logits = score_fn(query, key).astype(jnp.float32)  # [T, S]
     T, S = logits.shape
@@ -69,7 +107,6 @@ def attention_parts(
         mask = jnp.broadcast_to(mask, (T, S))
     weights, lse = masked_softmax(logits, mask)
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     output = jnp.einsum(
         "ts,sv->tv", weights, value.astype(jnp.float32), preferred_element_type=jnp.float32

@@ -27,7 +27,9 @@ def masked_softmax(
     logits = logits.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    # `initial` keeps the max finite for S = 0 and for rows whose logits are all -inf.
+    min_value = jnp.finfo(jnp.float32).min
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True, initial=min_value))
     unnormalised = jnp.exp(logits - row_max)
     if mask is not None:
         unnormalised = jnp.where(mask, unnormalised, 0.0)

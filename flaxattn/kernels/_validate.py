@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -28,11 +29,41 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
 
 
-def check_qkv(query: Array, key: Array, value: Array, *, same_head_dim: bool = True) -> Dims:
-    """Check `query [B, T, N, H]`, `key [B, S, K, H]`, `value [B, S, K, Hv]` (rank 4)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
+def check_arrays(**arrays: object) -> None:
+    """Raise TypeError unless each keyword argument is an array (has a shape and a dtype)."""
+    for name, x in arrays.items():
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}.")
+
+
+def check_static(name: str, value: object, kind: str) -> None:
+    """Raise TypeError if `value` is traced: it decides the program's structure, not its data."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python {kind}, not a traced value (mark it static or close "
+            f"over it instead of passing it through jax.jit), got {value}."
+        )
+
+
+def check_scale(scale: object, head_dim: int) -> float | Array:
+    """The logit scale: `1 / sqrt(head_dim)` by default, a float, or (as in jax.nn) a traced
+    scalar."""
+    if scale is None:
+        return 1.0 / (head_dim**0.5)
+    if isinstance(scale, jax.core.Tracer):
+        if scale.shape != ():
+            raise ValueError(f"scale must be a scalar, got shape {tuple(scale.shape)}.")
+        return scale
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a number, got {scale!r}.") from None
+
+
+def check_qkv(query: Array, key: Array, value: Array, *, same_head_dim: bool = True) -> Dims:
+    """Check `query [B, T, N, H]`, `key [B, S, K, H]`, `value [B, S, K, Hv]` (rank 4)."""
+    check_arrays(query=query, key=key, value=value)
+    for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(
                 f"{name} must have rank 4 [batch, length, heads, head_dim] (or rank 3 without "
@@ -57,6 +88,11 @@ def check_qkv(query: Array, key: Array, value: Array, *, same_head_dim: bool = T
     if same_head_dim and Hk != H:
         raise ValueError(
             f"key head_dim must equal query head_dim ({H}), got key shape {tuple(key.shape)}."
+        )
+    if H == 0 or Hk == 0:
+        raise ValueError(
+            f"head_dim must be at least 1, got query shape {tuple(query.shape)} and key shape "
+            f"{tuple(key.shape)}."
         )
     if K == 0 or N % K != 0:
         raise ValueError(
@@ -126,8 +162,25 @@ def check_window(local_window_size: int | tuple[int, int] | None) -> tuple[int, 
 
 
 def check_dropout(rate: float, key: Array | None) -> None:
-    """Check the dropout rate and that a key comes with it."""
+    """Check the dropout rate (a static number in [0, 1)) and that a single PRNG key comes
+    with it (`jax.random.key(...)`, or a legacy `jax.random.PRNGKey(...)` uint32 array)."""
+    check_static("dropout_rate", rate, "float")
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_rate must be a number, got {rate!r}.") from None
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate}.")
     if rate > 0.0 and key is None:
         raise ValueError(f"dropout_rate={rate} needs an explicit PRNG key in dropout_key.")
+    if rate > 0.0:
+        dtype = getattr(key, "dtype", None)
+        shape = tuple(getattr(key, "shape", ()))
+        typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+        legacy = dtype == jnp.uint32 and len(shape) == 1
+        if not (typed or legacy):
+            raise TypeError(
+                "dropout_key must be one PRNG key, jax.random.key(seed) (shape ()) or "
+                f"jax.random.PRNGKey(seed); got {type(key).__name__} with dtype {dtype} and "
+                f"shape {shape}."
+            )

@@ -26,6 +26,7 @@ from flaxattn.nn._capture import (
     capture_attention,
 )
 from flaxattn.nn._config import TransformerConfig
+from flaxattn.nn._interop import flax_attention_fn, from_flax_nnx
 from flaxattn.nn._kernel_regression import NadarayaWatson
 from flaxattn.nn._models import DecoderLM, EncoderDecoderTransformer, TransformerClassifier
 from flaxattn.nn._positional import (
@@ -66,5 +67,7 @@ __all__ = [
     "attention_kinds",
     "attention_layers",
     "capture_attention",
+    "flax_attention_fn",
+    "from_flax_nnx",
     "sinusoidal_encoding",
 ]

@@ -1,0 +1,504 @@
+"""The blocked implementation: flash-style attention in plain JAX, O(T) memory.
+
+    for each example b and query block i:                       # a scan over B · nq blocks
+        m, l, acc = -inf, 0, 0                                   # [K, G·bq], [K, G·bq, Hv]
+        for each key block j that some query of block i sees:    # dynamic bounds: real skipping
+            s   = scale · q_i k_jᵀ + bias → score_mod → mask       # [K, G·bq, bk], float32
+            m'  = max(m, rowmax s);  p = exp(s - m')
+            l   = l · exp(m - m') + rowsum p;  acc = acc · exp(m - m') + p v_j
+        out_i = acc / l;  lse_i = m + log l                       # 0 and -inf for an empty row
+
+(Dao et al. 2022, "FlashAttention"; the online softmax of Milakov & Gimelshein 2018.)
+
+Design choices, each for speed on CPU (measured by benchmarks/blocked_cpu.py):
+- All heads of one example go through each block together: every matmul is one batched
+  `[K, G·bq, H] x [K, H, bk]`, and the loop overhead is paid once per block, not per head.
+  GQA is the grouped reshape `N = K·G` (the G query heads of a kv head are extra rows), so keys
+  and values are never repeated.
+- The loops have *scalar* bounds: a scan over `(b, i)`, then a `fori_loop` over exactly the
+  key blocks that `Visibility.key_range` allows, so blocks emptied by causal, window or length
+  masks cost nothing. A `lax.cond` also keeps the elementwise mask off blocks that the
+  structured masks leave fully visible, and no mask is built at all when nothing can be hidden.
+  (Under a user's `jax.vmap` over the lengths JAX turns these into selects: still correct, with
+  less skipping.)
+- The backward is a `jax.custom_vjp` that recomputes each block from `q, k, v` and the saved
+  logsumexp instead of storing `[T, S]` weights. Key blocks are outside and query blocks inside,
+  so dK and dV accumulate in block-sized carries and only dQ (and dbias) are updated in place.
+  The cotangent of the logsumexp (`∂lse/∂s = p`) is honoured, so that callers such as ring
+  attention can merge partial results by their logsumexp.
+
+`score_mod` and `mask_mod` are evaluated per block on global indices `q_idx [bq, 1]`,
+`kv_idx [1, bk]`; `score_mod` is vmapped over heads, so it sees `[bq, bk]` scores as in the
+reference kernel. Arrays they close over are hoisted with `jax.closure_convert`, so closing over
+traced values works under jit and vmap. Gradients flow through `score_mod`: to the scores, and to
+the floating-point arrays it closes over (a learned relative-position table, ALiBi slopes), summed
+over blocks. `mask_mod` is boolean, so nothing flows through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jaxtyping import Bool, Float
+
+from flaxattn.kernels._single_head import MaskMod, ScoreMod
+from flaxattn.kernels._visibility import Limits, Visibility
+
+# Default blocks, tuned on the 2-core AVX-512 CPU at N=8, H=64 (benchmarks/blocked_cpu.py).
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 256
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _even_block(length: int, target: int) -> int:
+    """The smallest block `<= target` (a multiple of 8) that covers `length` in as few blocks
+    as `target` does, so that padding stays small."""
+    if length <= target:
+        return length
+    blocks = -(-length // target)
+    return _round_up(-(-length // blocks), 8)
+
+
+def default_block_sizes(T: int, S: int) -> tuple[int, int]:
+    """`(block_q, block_k)` for lengths `T, S`: the tuned defaults, evened out over the length
+    (no padding when the lengths are multiples of the defaults)."""
+    return _even_block(T, DEFAULT_BLOCK_Q), _even_block(S, DEFAULT_BLOCK_K)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static part of one call: padded sizes, blocks, masking and the per-block functions."""
+
+    B: int
+    T: int  # padded query length, nq · bq
+    S: int  # padded key length, nk · bk
+    K: int
+    G: int
+    H: int
+    Hv: int
+    bq: int
+    bk: int
+    visibility: Visibility  # is_causal / window / alignment only; lengths travel as Limits
+    masking: str  # "never", "edges" (blocks the structured masks cut) or "always"
+    score_mod: Callable | None  # (s [K, G, bq, bk], q_idx, kv_idx, *consts) -> s, vmapped
+    mask_mod: Callable | None  # (q_idx [bq, 1], kv_idx [1, bk], *consts) -> bool
+
+    @property
+    def N(self) -> int:
+        return self.K * self.G
+
+    @property
+    def M(self) -> int:
+        """Rows of one kv head's block: its G query heads times bq queries."""
+        return self.G * self.bq
+
+    @property
+    def nq(self) -> int:
+        return self.T // self.bq
+
+    @property
+    def nk(self) -> int:
+        return self.S // self.bk
+
+
+class _Mods(NamedTuple):
+    """Arrays hoisted out of `score_mod` / `mask_mod` closures (custom_vjp arguments)."""
+
+    score: tuple[Array, ...]
+    mask: tuple[Array, ...]
+
+
+def _pad_axis(x: Array, axis: int, size: int) -> Array:
+    if x.shape[axis] in (1, size):
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def blocked_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    *,
+    bias: Float[Array, "B N T S"] | None = None,
+    mask: Bool[Array, "B N T S"] | None = None,
+    visibility: Visibility | None = None,
+    scale: float | Array = 1.0,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
+    """Flash-style attention: online softmax over key blocks, O(T) memory, custom VJP.
+
+    Inputs are assumed validated (as by `flaxattn.dot_product_attention`).
+
+    Args:
+      query: `[B, T, N, H]`.
+      key: `[B, S, K, H]`, `K` divides `N`.
+      value: `[B, S, K, Hv]`.
+      bias: float, rank 4, each axis 1 or full: broadcastable to `[B, N, T, S]`. Its gradient
+        has its own shape (summed over the broadcast axes).
+      mask: booleans (True = attend), broadcast like `bias`.
+      visibility: causal / window / length masks, the same object the reference kernel uses.
+      scale: logit multiplier (not differentiated).
+      score_mod: `(score, q_idx, kv_idx) -> score` on global indices, after the bias.
+      mask_mod: `(q_idx, kv_idx) -> bool`, combined with the other masks by "and".
+      block_sizes: `(block_q, block_k)`; default `default_block_sizes(T, S)`. Lengths that are
+        not multiples are padded internally and the padding is masked.
+
+    Returns:
+      `(output [B, T, N, Hv] in query's dtype, logsumexp [B, N, T] float32)`; a row with
+      nothing visible has output 0 and logsumexp -inf.
+    """
+    visibility = Visibility() if visibility is None else visibility
+    B, T, N, H = query.shape
+    S, K, Hv = key.shape[1], key.shape[2], value.shape[3]
+    G = N // K
+    if block_sizes is None:
+        bq, bk = default_block_sizes(T, S)
+    else:
+        bq, bk = min(int(block_sizes[0]), T), min(int(block_sizes[1]), S)
+    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+
+    limits = visibility.limits(B, T, S)
+    # Padded keys are hidden by kv_len (padded queries need no mask: their rows are dropped).
+    # The offset keeps the unpadded lengths, so alignment is unchanged.
+    limits = Limits(jnp.minimum(limits.q_len, T), jnp.minimum(limits.kv_len, S), limits.offset)
+
+    if mask is not None or mask_mod is not None:
+        masking = "always"
+    elif visibility.is_trivial and Sp == S:
+        masking = "never"
+    else:
+        masking = "edges"
+
+    q_idx = jax.ShapeDtypeStruct((bq, 1), jnp.int32)
+    kv_idx = jax.ShapeDtypeStruct((1, bk), jnp.int32)
+    converted_score_mod, score_consts = None, ()
+    if score_mod is not None:
+        per_head = jax.vmap(jax.vmap(score_mod, in_axes=(0, None, None)), in_axes=(0, None, None))
+        scores = jax.ShapeDtypeStruct((K, G, bq, bk), jnp.float32)
+        converted_score_mod, score_consts = jax.closure_convert(per_head, scores, q_idx, kv_idx)
+    converted_mask_mod, mask_consts = None, ()
+    if mask_mod is not None:
+        converted_mask_mod, mask_consts = jax.closure_convert(mask_mod, q_idx, kv_idx)
+
+    plan = _Plan(
+        B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk,
+        visibility=dataclasses.replace(visibility, q_lengths=None, kv_lengths=None),
+        masking=masking, score_mod=converted_score_mod, mask_mod=converted_mask_mod,
+    )
+    q = _pad_axis(query, 1, Tp)
+    k = _pad_axis(key, 1, Sp)
+    v = _pad_axis(value, 1, Sp)
+    if bias is not None:
+        bias = _pad_axis(_pad_axis(bias, 2, Tp), 3, Sp)
+    if mask is not None:
+        mask = _pad_axis(_pad_axis(mask, 2, Tp), 3, Sp)
+    mods = _Mods(tuple(score_consts), tuple(mask_consts))
+    out, lse = _attention(
+        plan, q, k, v, bias, mask, limits, jnp.asarray(scale, jnp.float32), mods
+    )
+    return out[:, :T], lse[:, :, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(plan, q, k, v, bias, mask, limits, scale, mods):
+    return _forward(plan, q, k, v, bias, mask, limits, scale, mods)
+
+
+def _attention_fwd(plan, q, k, v, bias, mask, limits, scale, mods):
+    out, lse = _forward(plan, q, k, v, bias, mask, limits, scale, mods)
+    return (out, lse), (q, k, v, bias, mask, limits, scale, mods, out, lse)
+
+
+def _attention_bwd(plan, residuals, cotangents):
+    q, k, v, bias, mask, limits, scale, mods, out, lse = residuals
+    d_out, d_lse = cotangents
+    dq, dk, dv, dbias, d_score_consts = _backward(
+        plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse
+    )
+    d_mods = _Mods(d_score_consts, tuple(None for _ in mods.mask))
+    return dq, dk, dv, dbias, None, None, None, d_mods
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ----------------------------------------------------------------------------- block pieces
+
+
+def _example_limits(limits: Limits, b: Array) -> Limits:
+    return Limits(limits.q_len[b], limits.kv_len[b], limits.offset[b])
+
+
+def _rows(x: Array, b: Array, start: Array, size: int) -> Array:
+    """`x[b, start:start + size]` of a `[B, L, ...]` array, without copying the example."""
+    starts = (b, start) + (0,) * (x.ndim - 2)
+    return lax.dynamic_slice(x, starts, (1, size) + x.shape[2:])[0]
+
+
+def _add_rows(x: Array, block: Array, b: Array, start: Array) -> Array:
+    """`x[b, start:start + len(block)] += block`, in place."""
+    starts = (b, start) + (0,) * (x.ndim - 2)
+    current = lax.dynamic_slice(x, starts, (1,) + block.shape)
+    return lax.dynamic_update_slice(x, current + block[None], starts)
+
+
+def _heads_major(x: Array, K: int) -> Array:
+    """`[L, N, H]` -> `[K, G·L, H]` (the rows of one kv head's G query heads), float32."""
+    L, N, H = x.shape
+    x = x.astype(jnp.float32).reshape(L, K, N // K, H).transpose(1, 2, 0, 3)  # [K, G, L, H]
+    return x.reshape(K, N // K * L, H)
+
+
+def _rows_major(x: Array, L: int) -> Array:
+    """`[K, G·L, H]` -> `[L, N, H]`, the inverse of `_heads_major`."""
+    K, M, H = x.shape
+    return x.reshape(K, M // L, L, H).transpose(2, 0, 1, 3).reshape(L, M // L * K, H)
+
+
+def _broadcast_block(x: Array, plan: _Plan, b, q_start, kv_start) -> Array:
+    """The `[K|1, G|1, bq|1, bk|1]` block of a `[B|1, N|1, T|1, S|1]` bias or mask."""
+    nb, nn, nt, ns = x.shape
+    starts = (b if nb > 1 else 0, 0, q_start if nt > 1 else 0, kv_start if ns > 1 else 0)
+    sizes = (1, nn, plan.bq if nt > 1 else 1, plan.bk if ns > 1 else 1)
+    block = lax.dynamic_slice(x, starts, sizes)[0]
+    heads = (plan.K, plan.G) if nn > 1 else (1, 1)
+    return block.reshape(heads + block.shape[1:])
+
+
+def _block_is_full(plan: _Plan, lim: Limits, q_start, kv_start) -> Array:
+    """Whether the structured masks leave the whole block visible.
+
+    Each query row sees one contiguous key interval whose ends never decrease with the row
+    (lengths, causal and window masks all have this shape), so checking the four corners with
+    `Visibility.visible` is exact.
+    """
+    vis = plan.visibility
+    q_last, kv_last = q_start + plan.bq - 1, kv_start + plan.bk - 1
+    corners = [vis.visible(qi, ki, lim) for qi in (q_start, q_last) for ki in (kv_start, kv_last)]
+    return functools.reduce(jnp.logical_and, corners)
+
+
+def _key_block_range(plan: _Plan, q_start, lim: Limits) -> tuple[Array, Array]:
+    """`[j_lo, j_hi)`: the key blocks that some query in `[q_start, q_start + bq)` can see."""
+    lo, hi = plan.visibility.key_range(q_start, q_start + plan.bq, lim)
+    j_lo = lo // plan.bk
+    j_hi = jnp.where(hi > lo, (hi + plan.bk - 1) // plan.bk, j_lo)
+    return j_lo, j_hi
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Where a block sits: example `b`, first query `q_start`, first key `kv_start`."""
+
+    b: Array
+    q_start: Array
+    kv_start: Array
+    limits: Limits
+
+
+def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bool):
+    """One block's scores `[K, G·bq, bk]` (hidden entries -inf), and for the backward the
+    visible mask `[K|1, G|1, bq, bk]` (or None) and score_mod's VJP (or None).
+
+    `qs` is the scaled query block `[K, G·bq, H]`, `kb` the key block `[K, bk, H]`.
+    """
+    K, G, bq, bk = plan.K, plan.G, plan.bq, plan.bk
+    s = jnp.einsum("kmh,ksh->kms", qs, kb, preferred_element_type=jnp.float32)
+    q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    if bias is not None:
+        block = _broadcast_block(bias, plan, at.b, at.q_start, at.kv_start)
+        s = s.reshape(K, G, bq, bk) + block.astype(jnp.float32)
+    mod_vjp = None
+    if plan.score_mod is not None:
+        fn = lambda s, *consts: plan.score_mod(s, q_idx, kv_idx, *consts)
+        s, mod_vjp = jax.vjp(fn, s.reshape(K, G, bq, bk), *mods.score)
+        s = s.astype(jnp.float32)
+    visible = None
+    if masked:
+        visible = plan.visibility.visible(q_idx, kv_idx, at.limits)  # [bq, bk]
+        if plan.mask_mod is not None:
+            visible = visible & plan.mask_mod(q_idx, kv_idx, *mods.mask)
+        if mask is not None:
+            visible = visible & _broadcast_block(mask, plan, at.b, at.q_start, at.kv_start)
+        s = jnp.where(visible, s.reshape(K, G, bq, bk), -jnp.inf)
+    return s.reshape(K, G * bq, bk), visible, mod_vjp
+
+
+def _masked_or_not(plan: _Plan, step: Callable, at: _Block, carry: Any, skip: Array | None = None):
+    """Run `step(carry, masked)` with the mask only where the block needs it; skip if `skip`."""
+    if plan.masking != "edges":
+        branches = [functools.partial(step, masked=plan.masking == "always")]
+        which = jnp.int32(0)
+    else:
+        branches = [functools.partial(step, masked=False), functools.partial(step, masked=True)]
+        full = _block_is_full(plan, at.limits, at.q_start, at.kv_start)
+        which = jnp.where(full, 0, 1)
+    if skip is not None:
+        branches.append(lambda carry: carry)
+        which = jnp.where(skip, len(branches) - 1, which)
+    if len(branches) == 1:
+        return branches[0](carry)
+    return lax.switch(which, branches, carry)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods: _Mods):
+    K, bq, bk, M = plan.K, plan.bq, plan.bk, plan.M
+
+    def query_block(index):
+        b, i = index // plan.nq, index % plan.nq
+        lim = _example_limits(limits, b)
+        q_start = i * bq
+        qs = _heads_major(_rows(q, b, q_start, bq), K) * scale  # [K, M, H]
+
+        def body(j, carry):
+            at = _Block(b, q_start, j * bk, lim)
+
+            def step(carry, masked):
+                m, total, acc = carry
+                kb = _heads_major(_rows(k, b, at.kv_start, bk), K)  # [K, bk, H]
+                vb = _heads_major(_rows(v, b, at.kv_start, bk), K)  # [K, bk, Hv]
+                s, _, _ = _logits(plan, qs, kb, bias, mods, mask, at, masked)  # [K, M, bk]
+                m_new = jnp.maximum(m, s.max(axis=-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all hidden so far: keep 0s
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                total = alpha * total + p.sum(axis=-1)
+                pv = jnp.einsum("kms,ksv->kmv", p, vb, preferred_element_type=jnp.float32)
+                return m_new, total, alpha[..., None] * acc + pv
+
+            return _masked_or_not(plan, step, at, carry)
+
+        j_lo, j_hi = _key_block_range(plan, q_start, lim)
+        init = (
+            jnp.full((K, M), -jnp.inf, jnp.float32),
+            jnp.zeros((K, M), jnp.float32),
+            jnp.zeros((K, M, plan.Hv), jnp.float32),
+        )
+        m, total, acc = lax.fori_loop(j_lo, j_hi, body, init)
+        empty = total == 0.0
+        total = jnp.where(empty, 1.0, total)
+        out = acc / total[..., None]  # [K, M, Hv]
+        lse = jnp.where(empty, -jnp.inf, m + jnp.log(total))  # [K, M]
+        return _rows_major(out, bq).astype(q.dtype), lse
+
+    out, lse = lax.map(query_block, jnp.arange(plan.B * plan.nq))
+    # out [B·nq, bq, N, Hv]; lse [B·nq, K, G·bq] = [B·nq, N, bq]
+    out = out.reshape(plan.B, plan.T, plan.N, plan.Hv)
+    lse = lse.reshape(plan.B, plan.nq, plan.N, bq).transpose(0, 2, 1, 3)
+    return out, lse.reshape(plan.B, plan.N, plan.T)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse):
+    """Gradients by recomputation: `ds = p ⊙ (dp - rowsum(dO ⊙ O) + dlse)`, block by block."""
+    K, G, bq, bk, nq = plan.K, plan.G, plan.bq, plan.bk, plan.nq
+    # Row terms [B, K, G, T]: delta = rowsum(dO ⊙ O) - dlse, and the logsumexp with empty
+    # rows at +inf so that exp(s - lse) is 0 there rather than NaN.
+    delta = jnp.einsum(
+        "btnv,btnv->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32)
+    ) - d_lse.astype(jnp.float32)
+    delta = delta.reshape(plan.B, K, G, plan.T)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse).reshape(plan.B, K, G, plan.T)
+
+    # The key range of every query block: block (i, j) is computed iff j meets range i.
+    q_starts = jnp.arange(nq) * bq
+    lo, hi = plan.visibility.key_range(
+        q_starts, q_starts + bq, Limits(*(x[:, None] for x in limits))
+    )  # [B, nq]
+
+    def key_block(carry, index):
+        b, j = index // plan.nk, index % plan.nk
+        lim = _example_limits(limits, b)
+        kv_start = j * bk
+        kb = _heads_major(_rows(k, b, kv_start, bk), K)  # [K, bk, H]
+        vb = _heads_major(_rows(v, b, kv_start, bk), K)  # [K, bk, Hv]
+        needed = (hi[b] > lo[b]) & (lo[b] < kv_start + bk) & (hi[b] > kv_start)  # [nq]
+        any_needed = needed.any()
+        i_lo = jnp.where(any_needed, jnp.argmax(needed), 0)
+        i_hi = jnp.where(any_needed, nq - jnp.argmax(needed[::-1]), 0)
+
+        def rows(x, q_start):  # [B, K, G, T] -> [K, G·bq]
+            return lax.dynamic_slice(x, (b, 0, 0, q_start), (1, K, G, bq)).reshape(K, G * bq)
+
+        def body(i, carry):
+            at = _Block(b, i * bq, kv_start, lim)
+
+            def step(carry, masked):
+                dk, dv, dq, dbias, dconsts = carry
+                qs = _heads_major(_rows(q, b, at.q_start, bq), K) * scale  # [K, M, H]
+                do = _heads_major(_rows(d_out, b, at.q_start, bq), K)  # [K, M, Hv]
+                s, visible, mod_vjp = _logits(plan, qs, kb, bias, mods, mask, at, masked)
+                p = jnp.exp(s - rows(lse, at.q_start)[..., None])  # [K, M, bk]
+                dv = dv + jnp.einsum("kms,kmv->ksv", p, do, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("kmv,ksv->kms", do, vb, preferred_element_type=jnp.float32)
+                ds = p * (dp - rows(delta, at.q_start)[..., None])
+                if mod_vjp is not None:
+                    ds, *d_block_consts = mod_vjp(ds.reshape(K, G, bq, bk))
+                    dconsts = tuple(a + c for a, c in zip(dconsts, d_block_consts, strict=True))
+                    if visible is not None:  # hidden entries may hold anything, even NaN
+                        ds = jnp.where(visible, ds, 0.0)
+                    ds = ds.reshape(K, G * bq, bk)
+                dk = dk + jnp.einsum("kms,kmh->ksh", ds, qs, preferred_element_type=jnp.float32)
+                dq_blk = jnp.einsum("kms,ksh->kmh", ds, kb, preferred_element_type=jnp.float32)
+                dq = _add_rows(dq, _rows_major(dq_blk * scale, bq), b, at.q_start)
+                if dbias is not None:
+                    dbias = _add_bias_block(plan, dbias, ds, at)
+                return dk, dv, dq, dbias, dconsts
+
+            return _masked_or_not(plan, step, at, carry, skip=~needed[i])
+
+        dq, dbias, dconsts = carry
+        init = (
+            jnp.zeros((K, bk, plan.H), jnp.float32),
+            jnp.zeros((K, bk, plan.Hv), jnp.float32),
+            dq,
+            dbias,
+            dconsts,
+        )
+        dk, dv, dq, dbias, dconsts = lax.fori_loop(i_lo, i_hi, body, init)
+        dk = _rows_major(dk, bk).astype(k.dtype)  # [bk, K, H]
+        dv = _rows_major(dv, bk).astype(v.dtype)  # [bk, K, Hv]
+        return (dq, dbias, dconsts), (dk, dv)
+
+    dq = jnp.zeros((plan.B, plan.T, plan.N, plan.H), jnp.float32)
+    dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    dconsts = tuple(jnp.zeros(c.shape, jnp.float32) for c in mods.score)
+    (dq, dbias, dconsts), (dk, dv) = lax.scan(
+        key_block, (dq, dbias, dconsts), jnp.arange(plan.B * plan.nk)
+    )
+    dk = dk.reshape(plan.B, plan.S, K, plan.H)
+    dv = dv.reshape(plan.B, plan.S, K, plan.Hv)
+    dbias = None if dbias is None else dbias.astype(bias.dtype)
+    dconsts = tuple(d.astype(c.dtype) for d, c in zip(dconsts, mods.score, strict=True))
+    return dq.astype(q.dtype), dk, dv, dbias, dconsts
+
+
+def _add_bias_block(plan: _Plan, dbias: Array, ds: Array, at: _Block) -> Array:
+    """Add a block's `ds [K, G·bq, bk]` into the `[B|1, N|1, T|1, S|1]` bias gradient, summed
+    over the axes along which the bias broadcasts."""
+    nb, nn, nt, ns = dbias.shape
+    ds = ds.reshape(plan.N, plan.bq, plan.bk)
+    axes = tuple(a for a, size in enumerate((nn, nt, ns)) if size == 1)
+    ds = ds.sum(axis=axes, keepdims=True) if axes else ds
+    starts = (at.b if nb > 1 else 0, 0, at.q_start if nt > 1 else 0, at.kv_start if ns > 1 else 0)
+    current = lax.dynamic_slice(dbias, starts, (1,) + ds.shape)
+    return lax.dynamic_update_slice(dbias, current + ds[None], starts)

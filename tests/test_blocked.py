@@ -1,0 +1,407 @@
+"""The blocked (flash-style) kernel against a naive reference written here, independently.
+
+The naive reference repeats K/V for GQA, builds the [B, N, T, S] logits and a dense mask from
+index arithmetic of its own (not `Visibility`), and takes a plain masked softmax. Small block
+sizes such as (8, 16) give many blocks, ragged edges and padding at small T, S.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import flaxattn
+from flaxattn.benchmarking import compiled_temp_bytes
+from flaxattn.kernels._blocked import DEFAULT_BLOCK_Q, blocked_attention, default_block_sizes
+from flaxattn.kernels._visibility import Visibility
+
+BLOCKS = (8, 16)
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+def naive_attention(
+    q, k, v, *, bias=None, mask=None, scale=None, causal=False, alignment="top_left",
+    window=None, q_lengths=None, kv_lengths=None, score_mod=None, mask_mod=None,
+):
+    """`(out [B, T, N, Hv], lse [B, N, T])`, empty rows 0 and -inf, all in float32."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(H) if scale is None else scale
+    k = jnp.repeat(k.astype(jnp.float32), N // K, axis=2)  # [B, S, N, H]
+    v = jnp.repeat(v.astype(jnp.float32), N // K, axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k) * scale
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(S)[None, :]
+    if score_mod is not None:
+        s = jax.vmap(jax.vmap(lambda x: score_mod(x, i, j)))(s)
+    q_len = jnp.full((B,), T) if q_lengths is None else q_lengths
+    kv_len = jnp.full((B,), S) if kv_lengths is None else kv_lengths
+    q_len, kv_len = q_len[:, None, None, None], kv_len[:, None, None, None]
+    ok = (i < q_len) & (j < kv_len)  # [B, 1, T, S]
+    pos = i + (kv_len - q_len if alignment == "bottom_right" else 0)
+    if causal:
+        ok = ok & (j <= pos)
+    if window is not None:
+        ok = ok & (j >= pos - window[0]) & (j <= pos + window[1])
+    if mask is not None:
+        ok = ok & mask
+    if mask_mod is not None:
+        ok = ok & mask_mod(i, j)
+    s = jnp.where(ok, s, -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    e = jnp.where(ok, jnp.exp(s - top), 0.0)
+    total = e.sum(-1, keepdims=True)
+    w = e / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bnts,bsnh->btnh", w, v)
+    lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top, -jnp.inf)
+    return out, lse[..., 0]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _inputs(B=2, T=19, S=37, N=4, K=2, H=8, Hv=None, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
+    k = jax.random.normal(ks[1], (B, S, K, H), dtype)
+    v = jax.random.normal(ks[2], (B, S, K, Hv or H), dtype)
+    return q, k, v
+
+
+def _visibility(kw) -> Visibility:
+    return Visibility(
+        is_causal=kw.get("causal", False),
+        window=kw.get("window"),
+        q_lengths=kw.get("q_lengths"),
+        kv_lengths=kw.get("kv_lengths"),
+        causal_alignment=kw.get("alignment", "top_left"),
+    )
+
+
+def _blocked(q, k, v, bias=None, *, block_sizes=BLOCKS, **kw):
+    return blocked_attention(
+        q, k, v, bias=bias, mask=kw.get("mask"), visibility=_visibility(kw),
+        scale=1.0 / np.sqrt(q.shape[-1]), score_mod=kw.get("score_mod"),
+        mask_mod=kw.get("mask_mod"), block_sizes=block_sizes,
+    )
+
+
+def _naive(q, k, v, bias=None, **kw):
+    return naive_attention(q, k, v, bias=bias, **kw)
+
+
+def _outputs_and_grads(attn, q, k, v, bias):
+    """`(out, lse, grads)` in one jitted function: grads (w.r.t. q, k, v and bias if given) of
+    a scalar that uses both outputs, so the lse cotangent is exercised too."""
+
+    def run(q, k, v, bias):
+        primals = (q, k, v) if bias is None else (q, k, v, bias)
+        (out, lse), pullback = jax.vjp(lambda *a: attn(*a[:3], *a[3:]), *primals)
+        ks = jax.random.split(jax.random.key(1), 2)
+        ct_out = jax.random.normal(ks[0], out.shape, out.dtype)
+        ct_lse = jnp.where(jnp.isfinite(lse), jax.random.normal(ks[1], lse.shape), 0.0)
+        return out, lse, pullback((ct_out, ct_lse))
+
+    return _jit(run)(q, k, v, bias)
+
+
+def _jit(fn):
+    # The tests check numbers, not speed: skip LLVM's expensive passes to compile faster.
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _compare(q, k, v, bias=None, *, atol=2e-5, grad_atol=1e-4, block_sizes=BLOCKS, **kw):
+    """Forward, lse and gradients (q, k, v, bias) of blocked vs naive, both under jit."""
+    blocked = functools.partial(_blocked, block_sizes=block_sizes, **kw)
+    naive = functools.partial(_naive, **kw)
+    out, lse, grads = _outputs_and_grads(blocked, q, k, v, bias)
+    ref_out, ref_lse, ref_grads = _outputs_and_grads(naive, q, k, v, bias)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref_out, atol=atol, rtol=1e-5)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=atol, rtol=1e-5)
+    for name, g, r in zip(["q", "k", "v", "bias"], grads, ref_grads, strict=False):
+        assert g.shape == r.shape, name
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, r, atol=grad_atol, rtol=1e-4, err_msg=f"d{name}")
+    return out, lse, grads
+
+
+# ----------------------------------------------------------------------------- forward + grads
+
+CASES = {
+    "plain T=19 S=37": {},
+    "causal top_left T=19 S=37": dict(causal=True),
+    "causal bottom_right T=19 S=37": dict(causal=True, alignment="bottom_right"),
+    "window (5, 3)": dict(window=(5, 3)),
+    "window (0, 7) bottom_right": dict(window=(0, 7), alignment="bottom_right"),
+    "causal + window (6, 0)": dict(causal=True, window=(6, 0)),
+    "q and kv lengths": dict(q_lengths=jnp.array([7, 19]), kv_lengths=jnp.array([37, 11])),
+    "lengths + causal bottom_right": dict(
+        causal=True, alignment="bottom_right", q_lengths=jnp.array([5, 19]),
+        kv_lengths=jnp.array([20, 33]),
+    ),
+    "mask [B,1,T,S]": dict(mask_shape=(2, 1, 19, 37)),
+    "mask [1,N,1,S] + causal": dict(mask_shape=(1, 4, 1, 37), causal=True),
+    "score_mod soft-cap": dict(score_mod=flaxattn.kernels.soft_cap_score_mod(1.5)),
+    "score_mod alibi + causal": dict(
+        score_mod=flaxattn.kernels.alibi_score_mod(0.3), causal=True
+    ),
+    "mask_mod prefix-lm": dict(
+        mask_mod=flaxattn.kernels.or_masks(
+            flaxattn.kernels.causal_mask_mod, flaxattn.kernels.prefix_lm_mask_mod(5)
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_naive(name):
+    kw = dict(CASES[name])
+    q, k, v = _inputs()
+    if "mask_shape" in kw:
+        kw["mask"] = jax.random.bernoulli(jax.random.key(7), 0.7, kw.pop("mask_shape"))
+    _compare(q, k, v, **kw)
+
+
+# Every axis is broadcast (size 1) in some case and full in another.
+@pytest.mark.parametrize(
+    "bias_shape", [(2, 4, 19, 37), (1, 4, 1, 37), (2, 1, 19, 1)],
+    ids=lambda s: "bias " + "x".join(map(str, s)),
+)
+def test_bias_broadcasting_and_gradient(bias_shape):
+    q, k, v = _inputs()
+    bias = jax.random.normal(jax.random.key(3), bias_shape)
+    _, _, grads = _compare(q, k, v, bias, causal=True, alignment="bottom_right")
+    assert grads[3].shape == bias_shape
+
+
+@pytest.mark.parametrize(
+    "shape, causal",
+    [
+        (dict(B=1, T=1, S=1, N=2, K=1), True),
+        (dict(B=2, T=1, S=29, N=4, K=4), True),  # T=1 decoding against a cache
+        (dict(B=2, T=29, S=1, N=4, K=2), False),
+        (dict(B=1, T=40, S=40, N=4, K=1), True),  # MQA, lengths multiples of the blocks
+        (dict(B=1, T=23, S=17, N=6, K=3, Hv=5), False),  # odd sizes, value dim != key dim
+    ],
+    ids=lambda x: ", ".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else
+    ("causal bottom_right" if x else "full"),
+)
+def test_shapes(shape, causal):
+    q, k, v = _inputs(**shape)
+    _compare(q, k, v, causal=causal, alignment="bottom_right")
+
+
+def test_default_block_sizes_single_block_and_padding():
+    # One block each way (defaults cover T, S) and a ragged multi-block split of S = 700.
+    q, k, v = _inputs(B=1, T=9, S=700, N=2, K=1)
+    _compare(q, k, v, causal=True, alignment="bottom_right", block_sizes=None)
+    bq, bk = default_block_sizes(700, 4096)
+    assert bq % 8 == 0 and bq <= DEFAULT_BLOCK_Q and -(-700 // bq) == -(-700 // DEFAULT_BLOCK_Q)
+    assert 4096 % bk == 0
+    assert default_block_sizes(64, 1) == (64, 1)
+
+
+def test_document_mask_mod_closing_over_traced_ids():
+    # mask_mod closes over arrays that are jit arguments: works, and grads flow to q, k, v.
+    q, k, v = _inputs(B=1, T=24, S=24)
+    ids = jnp.array([0] * 7 + [1] * 10 + [2] * 7)
+
+    @_jit
+    def both(q, k, v, ids):
+        mod = flaxattn.kernels.document_mask_mod(ids)
+        blocked = lambda q: _blocked(q, k, v, mask_mod=mod, causal=True)[0].sum()
+        naive = lambda q: _naive(q, k, v, mask_mod=mod, causal=True)[0].sum()
+        return jax.grad(blocked)(q), jax.grad(naive)(q)
+
+    got, want = both(q, k, v, ids)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- empty rows
+
+
+def test_fully_masked_rows_are_zero_with_finite_gradients():
+    q, k, v = _inputs(B=3, T=19, S=37)
+    mask = jnp.ones((3, 1, 19, 37), bool).at[:, :, 4].set(False)  # row 4 hidden everywhere
+    kw = dict(
+        mask=mask,
+        q_lengths=jnp.array([19, 12, 19]),  # rows 12.. of example 1 are padding
+        kv_lengths=jnp.array([37, 37, 0]),  # example 2 sees no key at all
+    )
+    out, lse, grads = _compare(q, k, v, **kw)
+    assert np.all(out[:, 4] == 0) and np.all(np.isneginf(lse[:, :, 4]))
+    assert np.all(out[1, 12:] == 0) and np.all(out[2] == 0)
+    assert np.all(grads[0][2] == 0) and np.all(grads[0][1, 12:] == 0)
+
+
+def test_rows_before_the_first_key_under_bottom_right_causal():
+    # T > S, bottom-right: the first T - S queries precede every key.
+    q, k, v = _inputs(B=1, T=30, S=10)
+    out, lse, _ = _compare(q, k, v, causal=True, alignment="bottom_right")
+    assert np.all(out[:, :20] == 0) and np.all(np.isneginf(lse[:, :, :20]))
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_within_tolerance_of_float32(dtype):
+    """bf16/fp16 inputs give the input dtype out; stated tolerance: 1e-2 absolute on unit-
+    normal inputs (the float32 result of the same rounded inputs, then one output rounding)."""
+    q, k, v = _inputs(dtype=dtype)
+    blocked = functools.partial(_blocked, causal=True)
+    out, lse, grads = _outputs_and_grads(blocked, q, k, v, None)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_out, ref_lse, ref_grads = _outputs_and_grads(
+        functools.partial(_naive, causal=True), *f32, None
+    )
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out.astype(jnp.float32), ref_out, atol=1e-2)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-3)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g.astype(jnp.float32), r, atol=5e-2, rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------- transformations
+
+
+def _public(q, k, v, **kw):
+    return flaxattn.dot_product_attention(q, k, v, implementation="blocked", block_sizes=BLOCKS,
+                                          **kw)
+
+
+def test_public_entry_matches_reference_with_residual():
+    q, k, v = _inputs(B=2, T=33, S=45, N=4, K=2)
+    lengths = jnp.array([45, 20])
+    kw = dict(is_causal=True, key_value_seq_lengths=lengths, causal_alignment="bottom_right",
+              local_window_size=(9, 0), return_residual=True)
+    def run(impl):
+        attn = lambda q, k, v: flaxattn.dot_product_attention(
+            q, k, v, implementation=impl, block_sizes=BLOCKS, **kw
+        )
+        # A loss through both outputs of the public function (the residual is the lse).
+        loss = lambda *a: sum(
+            jnp.sum(jnp.sin(jnp.where(jnp.isfinite(x), x, 0.0))) for x in attn(*a)
+        )
+        return attn(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    (out, res), grads = _jit(lambda: run("blocked"))()
+    (ref_out, ref_res), ref_grads = _jit(lambda: run("reference"))()
+    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    np.testing.assert_allclose(res, ref_res, atol=2e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-4)
+
+
+def test_default_implementation_uses_blocked_for_long_keys():
+    q, k, v = _inputs(B=1, T=8, S=300, N=2, K=1)
+    out = _jit(lambda q, k, v: flaxattn.dot_product_attention(q, k, v, is_causal=True))(q, k, v)
+    want = naive_attention(q, k, v, causal=True)[0]
+    np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+def test_vmap_over_an_extra_leading_axis():
+    q, k, v = _inputs(B=2, T=19, S=37)
+    qs, ks, vs = (jnp.stack([x, 2.0 * x, -x]) for x in (q, k, v))
+    lengths = jnp.array([[37, 5], [10, 37], [0, 20]])
+
+    def one(q, k, v, lengths):
+        return _public(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+
+    loss = lambda q, k, v, n: jnp.sum(jnp.sin(one(q, k, v, n)))
+    got, grads = _jit(lambda *a: (jax.vmap(one)(*a), jax.vmap(jax.grad(loss))(*a)))(
+        qs, ks, vs, lengths
+    )
+    naive = lambda q, k, v, n: naive_attention(q, k, v, causal=True, kv_lengths=n)[0]
+    naive_loss = lambda q, k, v, n: jnp.sum(jnp.sin(naive(q, k, v, n)))
+    for i in range(3):
+        args = (qs[i], ks[i], vs[i], lengths[i])
+        np.testing.assert_allclose(got[i], naive(*args), atol=2e-5)
+        np.testing.assert_allclose(grads[i], jax.grad(naive_loss)(*args), atol=1e-4)
+
+
+def test_check_grads():
+    q, k, v = _inputs(B=1, T=11, S=13, N=2, K=1, H=4)
+    bias = 0.1 * jax.random.normal(jax.random.key(5), (1, 2, 11, 13))
+    fn = _jit(lambda q, k, v, bias: _blocked(q, k, v, bias, causal=True, window=(4, 2))[0])
+    check_grads(fn, (q, k, v, bias), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
+
+
+def test_gradient_flows_into_arrays_that_score_mod_closes_over():
+    q, k, v = _inputs(B=1, T=20, S=27)
+
+    def loss(attn, table):
+        mod = flaxattn.kernels.relative_bias_score_mod(table, 3)
+        return jnp.sum(jnp.sin(attn(q, k, v, score_mod=mod, causal=True)[0]))
+
+    table = jnp.linspace(-1.0, 1.0, 7)
+    got = _jit(jax.grad(functools.partial(loss, _blocked)))(table)
+    want = _jit(jax.grad(functools.partial(loss, _naive)))(table)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- memory, skipping
+
+
+def test_compiled_temp_memory_grows_linearly():
+    """Temp bytes of forward and forward+backward at T = 1024, 2048, 4096: each doubling of T
+    at most x2.5 (quadratic would be x4), and far below one [N, T, S] float32 array."""
+
+    def temp(T, backward):
+        x = jax.ShapeDtypeStruct((1, T, 4, 32), jnp.float32)
+        fwd = lambda q, k, v: blocked_attention(
+            q, k, v, visibility=Visibility(is_causal=True), scale=0.2, block_sizes=(128, 128)
+        )[0]
+        if not backward:
+            return compiled_temp_bytes(fwd, x, x, x)
+        vjp = lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do)
+        return compiled_temp_bytes(vjp, x, x, x, x)
+
+    for backward in (False, True):
+        sizes = [temp(T, backward) for T in (1024, 2048, 4096)]
+        assert sizes[1] <= 2.5 * sizes[0] and sizes[2] <= 2.5 * sizes[1], sizes
+        assert sizes[2] < 4 * 4096 * 4096 * 4 / 16, sizes
+
+
+def _count_blocks(T, S, block_sizes, **kw):
+    """Run the forward with a mask_mod that reports each evaluation: one per computed block."""
+    calls = []
+
+    def counting_mod(q_idx, kv_idx):
+        jax.debug.callback(lambda i, j: calls.append((int(i), int(j))), q_idx[0, 0], kv_idx[0, 0])
+        return jnp.ones((q_idx.shape[0], kv_idx.shape[1]), bool)
+
+    q, k, v = _inputs(B=1, T=T, S=S, N=2, K=1)
+    out = _blocked(q, k, v, block_sizes=block_sizes, mask_mod=counting_mod, **kw)[0]
+    jax.block_until_ready(out)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, **kw)[0], atol=2e-5)
+    assert len(set(calls)) == len(calls)  # each block once
+    return len(calls)
+
+
+def test_masked_blocks_are_skipped_not_computed():
+    # 8 query blocks x 8 key blocks of 16.
+    assert _count_blocks(128, 128, (16, 16)) == 64
+    assert _count_blocks(128, 128, (16, 16), causal=True) == 36  # lower triangle + diagonal
+    # Window of +-10 around the diagonal: each query block touches 2 or 3 key blocks.
+    assert _count_blocks(128, 128, (16, 16), window=(10, 10)) == 22
+    # Only the first 40 keys exist: 3 key blocks per query block.
+    assert _count_blocks(128, 128, (16, 16), kv_lengths=jnp.array([40])) == 24
+    # Queries past q_len see nothing: their blocks are skipped entirely.
+    assert _count_blocks(128, 128, (16, 16), q_lengths=jnp.array([20])) == 16
