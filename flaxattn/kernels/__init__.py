@@ -1,5 +1,6 @@
 """flaxattn.kernels: pure functional attention (no Flax), one head at a time, vmapped once."""
 
+from flaxattn.kernels import efficient
 from flaxattn.kernels._api import (
     BLOCKED_MIN_KV_LENGTH,
     IMPLEMENTATIONS,
@@ -29,6 +30,13 @@ from flaxattn.kernels._masks import (
     window_mask,
 )
 from flaxattn.kernels._reference import reference_attention
+from flaxattn.kernels._ring import (
+    from_ring_layout,
+    make_ring_attention_fn,
+    ring_attention,
+    ring_permutation,
+    to_ring_layout,
+)
 from flaxattn.kernels._scores import (
     additive_score,
     cosine_score,
@@ -45,6 +53,14 @@ from flaxattn.kernels._single_head import (
 from flaxattn.kernels._single_head import attention as single_head_attention
 from flaxattn.kernels._softmax import masked_softmax
 from flaxattn.kernels._visibility import Limits, Visibility
+from flaxattn.kernels.efficient import (
+    bigbird_block_layout,
+    block_sparse_attention,
+    favor_attention,
+    favor_projection,
+    linear_attention,
+    local_attention,
+)
 
 __all__ = [
     "BLOCKED_MIN_KV_LENGTH",
@@ -62,6 +78,8 @@ __all__ = [
     "attention",
     "attention_parts",
     "attention_weights",
+    "bigbird_block_layout",
+    "block_sparse_attention",
     "causal_mask",
     "causal_mask_mod",
     "choose_implementation",
@@ -70,7 +88,14 @@ __all__ = [
     "document_mask_mod",
     "dot_product_attention",
     "dot_product_score",
+    "efficient",
+    "favor_attention",
+    "favor_projection",
+    "from_ring_layout",
     "general_score",
+    "linear_attention",
+    "local_attention",
+    "make_ring_attention_fn",
     "masked_softmax",
     "or_masks",
     "padding_mask",
@@ -78,9 +103,12 @@ __all__ = [
     "reference_attention",
     "relative_bias_score_mod",
     "relative_position_buckets",
+    "ring_attention",
+    "ring_permutation",
     "scaled_dot_product_score",
     "single_head_attention",
-    "t5_relative_bias",
     "soft_cap_score_mod",
+    "t5_relative_bias",
+    "to_ring_layout",
     "window_mask",
 ]
