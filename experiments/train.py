@@ -14,8 +14,9 @@ nadaraya_watson (attention pooling, learn_bandwidth=true|false).
 Everything goes under --workdir: metrics.jsonl, checkpoints/, attention.npz, figures/*.png,
 results.json (and samples.txt for charlm). --set key=value changes any field of the task's
 config (see --show-config). The same command runs on CPU, GPU or TPU; with several local
-devices the batch is split over a 'data' mesh axis. Ctrl-C saves a checkpoint; --resume
-continues from the latest one with no step lost.
+devices the batch is split over a 'data' mesh axis, and --mesh data=D,seq=S also splits the
+sequence axis (a data x sequence mesh). Ctrl-C saves a checkpoint; --resume continues from
+the latest one with no step lost.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def build_config(args):
         changes["steps"] = args.steps
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.mesh is not None:
+        changes["mesh"] = args.mesh
     if args.text is not None:
         if not hasattr(config, "text"):
             raise CliError(f"--text applies to --task charlm, not {args.task}")
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--text", help="charlm: a UTF-8 text file (default: stdlib sources)")
+    parser.add_argument(
+        "--mesh", metavar="data=D[,seq=S]",
+        help="device mesh: D-way data x S-way sequence parallel (default: data over all devices)",
+    )  # fmt: skip
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override config fields, e.g. --set d_model=128 model=transformer",

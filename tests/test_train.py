@@ -122,6 +122,8 @@ def test_loop_writes_metrics_checkpoints_and_results(tmp_path):
     assert [r["step"] for r in evals] == [4, 8] and evals[-1]["final"]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [6, 8]
     assert json.loads((tmp_path / "results.json").read_text())["step"] == 8
+    with pytest.raises(FileExistsError, match="--resume"):  # never overwrite a run silently
+        _standin_run(tmp_path)
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
@@ -136,23 +138,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "resumed" / "checkpoints" / "5").is_dir()
     _standin_run(tmp_path / "resumed", resume=True)
     straight, resumed = (_saved_state(tmp_path / d, 8) for d in ("straight", "resumed"))
-    assert _max_diff(straight, resumed) == 0.0
+    assert _max_diff(straight, resumed) == 0.0  # bitwise: the seed fixes everything
     steps = [r["step"] for r in _records(tmp_path / "resumed") if r["split"] == "train"]
     assert steps == list(range(1, 9))  # no step lost, none repeated
-
-
-def test_existing_checkpoints_need_resume(tmp_path):
-    _standin_run(tmp_path, dataclasses.replace(STANDIN, steps=3))
-    with pytest.raises(FileExistsError, match="--resume"):
-        _standin_run(tmp_path, dataclasses.replace(STANDIN, steps=3))
-
-
-def test_fixed_seed_reproduces_and_other_seed_differs(tmp_path):
-    config = dataclasses.replace(STANDIN, steps=3, eval_every=0)
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        _standin_run(tmp_path / name, dataclasses.replace(config, seed=seed))
-    a, b, c = (_saved_state(tmp_path / n, 3)["params"] for n in "abc")
-    assert _max_diff(a, b) == 0.0 and _max_diff(a, c) > 0.0
+    _standin_run(tmp_path / "seed1", dataclasses.replace(STANDIN, seed=1))
+    assert _max_diff(straight["params"], _saved_state(tmp_path / "seed1", 8)["params"]) > 0
 
 
 def test_metrics_writer_appends_lines_and_truncates(tmp_path):
@@ -166,11 +156,13 @@ def test_metrics_writer_appends_lines_and_truncates(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
 
 
-def test_batch_size_must_divide_devices(tmp_path):
-    config = dataclasses.replace(STANDIN, batch_size=7, data_parallel=1)
-    _standin_run(tmp_path / "one", dataclasses.replace(config, steps=1))  # 1 device: fine
-    with pytest.raises(ValueError, match="data_parallel=9"):
-        _standin_run(tmp_path / "many", dataclasses.replace(config, data_parallel=9))
+def test_mesh_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="data_parallel=4096"):
+        _standin_run(tmp_path, dataclasses.replace(STANDIN, data_parallel=4096))
+    with pytest.raises(ValueError, match="needs 4096 devices"):
+        _standin_run(tmp_path, dataclasses.replace(STANDIN, mesh="data=64,seq=64"))
+    with pytest.raises(ValueError, match="'data' axis is required"):
+        _standin_run(tmp_path, dataclasses.replace(STANDIN, mesh="seq=2"))
 
 
 _SHARDED = textwrap.dedent(
@@ -197,8 +189,12 @@ _SHARDED = textwrap.dedent(
     for name in ("data4", "data2xseq4"):
         diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                             params["one"], params[name])
-        print(name, "PARAMS", max(jax.tree.leaves(diff)),
-              "LOSS", float(np.max(np.abs(np.subtract(losses["one"], losses[name])))))
+        flat = [(jax.tree_util.keystr(p), d)
+                for p, d in jax.tree_util.tree_flatten_with_path(diff)[0]]
+        key_bias = max(d for p, d in flat if "['key']['bias']" in p)
+        others = max(d for p, d in flat if "['key']['bias']" not in p)
+        loss = float(np.max(np.abs(np.subtract(losses["one"], losses[name]))))
+        print(name, "PARAMS", others, "KEYBIAS", key_bias, "LOSS", loss)
     """
 )
 
@@ -213,8 +209,13 @@ def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split() for line in proc.stdout.splitlines() if "PARAMS" in line]
     assert [line[0] for line in lines] == ["data4", "data2xseq4"]
-    for _, _, params_diff, _, loss_diff in lines:
-        assert float(params_diff) < 1e-5 and float(loss_diff) < 1e-5, proc.stdout
+    for _, _, params_diff, _, key_bias_diff, _, loss_diff in lines:
+        assert float(loss_diff) < 1e-5, proc.stdout  # the loss curves agree
+        assert float(params_diff) < 1e-6, proc.stdout
+        # The key bias has a gradient that is mathematically zero (softmax ignores a constant
+        # shift): Adam turns its rounding noise into steps of a fraction of the learning
+        # rate (3e-3 here), which differ with the reduction order.
+        assert float(key_bias_diff) < 1e-3, proc.stdout
 
 
 # ----------------------------------------------------------------------------- every task

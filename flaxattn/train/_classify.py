@@ -93,6 +93,17 @@ class SentimentTask(Task):
         if headline is not None:
             out["attention_mass_on_sentiment"] = out[f"attention_mass_on_sentiment/{headline}"]
             out["attention_layer"] = headline
+            # A left-to-right RNN state knows a word only from that word on, so its pooling
+            # often looks one token later; this shows how much.
+            after = np.zeros_like(marked)
+            after[:, 1:] = marked[:, :-1]
+            w = np.asarray(captured[headline])
+            ql = np.ones_like(b["lengths"]) if _is_pool(w) else b["lengths"]
+            out["attention_mass_after_sentiment"] = analysis.marked_token_mass(
+                w, after, query_lengths=ql, key_lengths=b["lengths"]
+            ).mean_mass
+        if len(captured) == 1:  # the per-layer entry would only repeat the headline
+            del out[f"attention_mass_on_sentiment/{headline}"]
         return out
 
     def evaluate(self, run: Runner) -> dict[str, float]:

@@ -80,8 +80,8 @@ class SentimentConfig(TransformerFields, TrainConfig):
 
     task: str = "sentiment"
     model: Literal["rnn", "transformer"] = "rnn"  # RNNAttentionClassifier or TransformerClassifier
-    embed_dim: int = 32  # rnn: word embedding width
-    hidden_dim: int = 32  # rnn: recurrent state width
+    embed_dim: int = 64  # rnn: word embedding width
+    hidden_dim: int = 128  # rnn: recurrent state width (32 or 64 stall near 87%: negation)
     cell: str = "gru"  # rnn: recurrent cell (gru or lstm)
     steps: int = 600
 

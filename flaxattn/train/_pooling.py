@@ -101,7 +101,7 @@ class NadarayaWatsonTask(Task):
         fmt = lambda xs: [[f"{v:.2f}" for v in xs]]
         return save_attention(
             path,
-            layers=dict(captured),
+            layers={p or "nadaraya_watson": w for p, w in captured.items()},  # the root is ''
             kinds="cross",
             query_tokens=fmt(self.points["x_test"]),
             key_tokens=fmt(self.points["x_train"]),

@@ -156,7 +156,8 @@ class Seq2SeqTask(Task):
         return metrics
 
     def alignment(self, captured, b: Batch) -> dict[str, float]:
-        """Head-averaged cross-attention argmax accuracy, per cross layer and for the last."""
+        """Head-averaged cross-attention argmax accuracy: ``alignment`` for the last cross
+        layer, and ``alignment/<path>`` per layer when there are several."""
         target = self.alignment_target(b)
         out = {}
         cross = [p for p, k in captured.kinds.items() if k == "cross"]
@@ -170,6 +171,8 @@ class Seq2SeqTask(Task):
             )
         if cross:
             out["alignment"] = out[f"alignment/{cross[-1]}"]
+        if len(cross) == 1:  # the per-layer entry would only repeat the headline
+            del out[f"alignment/{cross[0]}"]
         return out
 
     def encode_inputs(self, run: Runner, inputs) -> Batch:
