@@ -10,7 +10,8 @@ Modules hold parameters; every attention computation is a call to a kernel
 - Blocks and models: `TransformerEncoderLayer`, `TransformerDecoderLayer`, the stacks
   `TransformerEncoder`/`TransformerDecoder`, `EncoderDecoderTransformer`, `DecoderLM`,
   `TransformerClassifier`, `RNNAttentionClassifier`, `BahdanauSeq2Seq`, `NadarayaWatson`.
-- Analysis: `capture_attention` returns every attention layer's weights `[B, N, T, S]`.
+- Analysis: `capture_attention` returns every attention layer's weights `[B, N, T, S]`;
+  `head_interventions` ablates or scales chosen heads of a model.
 - Interop with flax: `flax_attention_fn`, `from_flax_nnx`.
 """
 
@@ -27,6 +28,7 @@ from flaxattn.nn._capture import (
 )
 from flaxattn.nn._config import TransformerConfig
 from flaxattn.nn._interop import flax_attention_fn, from_flax_nnx
+from flaxattn.nn._interventions import HeadIntervention, head_interventions
 from flaxattn.nn._kernel_regression import NadarayaWatson
 from flaxattn.nn._models import DecoderLM, EncoderDecoderTransformer, TransformerClassifier
 from flaxattn.nn._positional import (
@@ -49,6 +51,7 @@ __all__ = [
     "DecoderLM",
     "EncoderDecoderTransformer",
     "FeedForward",
+    "HeadIntervention",
     "KVCache",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
@@ -69,5 +72,6 @@ __all__ = [
     "capture_attention",
     "flax_attention_fn",
     "from_flax_nnx",
+    "head_interventions",
     "sinusoidal_encoding",
 ]

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 from jaxtyping import Bool, Float, Int
 
-from flaxattn.kernels import IMPLEMENTATIONS, dot_product_attention
+from flaxattn.kernels import IMPLEMENTATIONS, combine_masks, dot_product_attention
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._cache import KVCache
 from flaxattn.nn._capture import Capturable, capture_reference_weights
@@ -105,6 +106,7 @@ class MultiHeadAttention(Capturable, nnx.Module):
         self.kind = kind
         self.deterministic = False  # default when a call passes deterministic=None
         self.capture = None
+        self.intervention = None  # a HeadIntervention while `head_interventions` is active
 
         def projection(in_f, out_f, **kw) -> nnx.LinearGeneral:
             return nnx.LinearGeneral(
@@ -177,7 +179,8 @@ class MultiHeadAttention(Capturable, nnx.Module):
             attend over everything cached; positions continue from the cache index.
           deterministic: no dropout; None = `self.deterministic`.
           head_mask: `[N]` booleans; False zeroes that head's output (ablation).
-          head_scale: `[N]` multipliers of each head's output.
+          head_scale: `[N]` multipliers of each head's output. (Inside a model, set both
+            with `head_interventions`.)
 
         Returns:
           `[B, T, F_out]`.
@@ -214,7 +217,13 @@ class MultiHeadAttention(Capturable, nnx.Module):
             kwargs["key_value_seq_lengths"] = jnp.broadcast_to(
                 offset + new, (query.shape[0],)
             ).astype(jnp.int32)
-            if is_causal:
+            if is_causal and self.implementation in ("xla", "cudnn"):
+                # jax.nn has no bottom-right alignment: hide the later keys with a mask.
+                T, L = query.shape[1], key.shape[1]
+                later = jnp.arange(L)[None, :] > offset + jnp.arange(T)[:, None]  # [T, L]
+                mask = combine_masks(mask, ~later)
+                kwargs["is_causal"] = False
+            elif is_causal:
                 kwargs["causal_alignment"] = "bottom_right"
         visibility = {k: v for k, v in kwargs.items() if v is not None and v is not False}
 
@@ -230,6 +239,9 @@ class MultiHeadAttention(Capturable, nnx.Module):
             self.sow_captured(
                 capture_reference_weights(self.capture, query, key, value, bias, mask, **visibility)
             )
+        if self.intervention is not None:
+            head_mask = self.intervention.mask if head_mask is None else head_mask
+            head_scale = self.intervention.scale if head_scale is None else head_scale
         x = _intervene(x, head_mask, head_scale)
         return self.out(x)
 
@@ -247,8 +259,8 @@ def _intervene(
     """Per-head ablation and scaling of the attention output, before the out projection."""
     N = x.shape[2]
     for name, given in (("head_mask", head_mask), ("head_scale", head_scale)):
-        if given is not None and jnp.shape(given) != (N,):
-            raise ValueError(f"{name} must have shape [N] = [{N}], got {tuple(jnp.shape(given))}.")
+        if given is not None and np.shape(given) != (N,):
+            raise ValueError(f"{name} must have shape [N] = [{N}], got {np.shape(given)}.")
     if head_mask is not None:
         x = jnp.where(jnp.asarray(head_mask, bool)[:, None], x, jnp.zeros((), x.dtype))
     if head_scale is not None:

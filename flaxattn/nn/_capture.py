@@ -10,9 +10,10 @@ output, so the output itself is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -191,13 +192,8 @@ def capture_attention(
     chosen = _select_layers(found, layers)
     spec = CaptureSpec(heads=None if heads is None else tuple(int(h) for h in heads), top_k=top_k)
     _check_spec(spec, chosen)
-    for layer in chosen.values():
-        layer.capture = spec
-    try:
+    with temporarily("capture", ((layer, spec) for layer in chosen.values())):
         output, state = nnx.capture(model, AttentionWeights)(*args, **kwargs)
-    finally:
-        for layer in chosen.values():
-            layer.capture = None
     weights, kinds = {}, {}
     for path, variable in nnx.to_flat_state(state):
         name = "/".join(str(p) for p in path[:-1])  # drop the sown name, 'weights'
@@ -206,6 +202,19 @@ def capture_attention(
             weights[entry] = value
             kinds[entry] = found[name].kind
     return output, CapturedAttention(weights, kinds)
+
+
+@contextlib.contextmanager
+def temporarily(name: str, settings: Iterable[tuple[nnx.Module, Any]]) -> Iterator[None]:
+    """Set attribute `name` of each `(layer, value)` pair for the block, then back to None."""
+    settings = list(settings)
+    for layer, value in settings:
+        setattr(layer, name, value)
+    try:
+        yield
+    finally:
+        for layer, _ in settings:
+            setattr(layer, name, None)
 
 
 def _select_layers(

@@ -28,7 +28,7 @@ class TransformerConfig:
     num_kv_heads: int | None = None  # key/value heads K (None = num_heads); K < N gives GQA/MQA
     num_layers: int = 2  # layers in the decoder (and the encoder, unless num_encoder_layers)
     d_ff: int = 256  # hidden width of the position-wise feed-forward block
-    max_len: int = 512  # longest sequence: size of the learned position table, cache bound
+    max_len: int = 512  # longest sequence with positional='learned' (the table's size)
     dropout_rate: float = 0.0  # dropout on embeddings, sublayer outputs and the FFN hidden layer
     pre_ln: bool = True  # LayerNorm before each sublayer (pre-LN) or after the residual (post-LN)
     positional: Positional = "sinusoidal"  # how positions enter: added, rotated, or as a bias

@@ -97,6 +97,25 @@ def test_head_scale_is_linear_in_each_head():
     assert_close(doubled - full, only_1 - none)
 
 
+def test_head_interventions_reach_the_layers_inside_a_model():
+    block = fnn.TransformerEncoderLayer(16, 4, 32, num_kv_heads=2, rngs=nnx.Rngs(0))
+    x = normal(0, (2, 5, 16))
+    mask, scale = np.array([1, 0, 1, 1], bool), np.array([1.0, 1.0, 0.5, 2.0], np.float32)
+    direct = nnx.jit(lambda m: m(x, head_mask=mask, head_scale=scale))(block)
+    with fnn.head_interventions(block, masks={"self_attention": mask},
+                                scales={"self_attention": scale}):
+        inside = nnx.jit(lambda m: m(x))(block)
+    assert_close(inside, direct)
+    assert block.self_attention.intervention is None
+    assert not np.allclose(nnx.jit(lambda m: m(x))(block), direct)
+    not_attention = pytest.raises(ValueError, match="'feed_forward' is not a MultiHeadAttention")
+    with not_attention, fnn.head_interventions(block, masks={"feed_forward": mask}):
+        pass
+    wrong_size = pytest.raises(ValueError, match="must have num_heads=4 entries, got 3")
+    with wrong_size, fnn.head_interventions(block, scales={"self_attention": [1.0, 1.0, 1.0]}):
+        pass
+
+
 def test_dropout_is_deterministic_for_the_same_rngs():
     call = nnx.jit(lambda layer, deterministic: layer(x, deterministic=deterministic),
                    static_argnums=1)

@@ -31,12 +31,13 @@ def _feed(step, model: nnx.Module, toks: jax.Array, sizes: tuple[int, ...]) -> j
 
 
 @pytest.mark.parametrize(
-    "positional, pre_ln, num_layers",
-    [("rope", True, 2), ("sinusoidal", False, 1), ("learned", True, 1), ("alibi", True, 1),
-     ("t5", False, 1)],
+    "positional, pre_ln, num_layers, implementation",
+    [("rope", True, 2, None), ("sinusoidal", False, 1, "xla"), ("learned", True, 1, "blocked"),
+     ("alibi", True, 1, None), ("t5", False, 1, None)],
 )
-def test_decoder_lm_cache_matches_full_forward(positional, pre_ln, num_layers):
-    model = _lm(positional=positional, pre_ln=pre_ln, num_layers=num_layers)
+def test_decoder_lm_cache_matches_full_forward(positional, pre_ln, num_layers, implementation):
+    model = _lm(positional=positional, pre_ln=pre_ln, num_layers=num_layers,
+                implementation=implementation)
     toks = tokens(0, (2, T))
     full = nnx.jit(lambda m, t: m(t))(model, toks)
     step = nnx.jit(lambda m, t: m(t, decode=True))  # one compile per chunk size
