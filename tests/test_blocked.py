@@ -16,7 +16,6 @@ import pytest
 from jax.test_util import check_grads
 
 import flaxattn
-from flaxattn.benchmarking import compiled_temp_bytes
 from flaxattn.kernels._blocked import DEFAULT_BLOCK_Q, blocked_attention, default_block_sizes
 from flaxattn.kernels._visibility import Visibility
 
@@ -71,10 +70,10 @@ def naive_attention(
 
 
 def _inputs(B=2, T=19, S=37, N=4, K=2, H=8, Hv=None, dtype=jnp.float32, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
-    k = jax.random.normal(ks[1], (B, S, K, H), dtype)
-    v = jax.random.normal(ks[2], (B, S, K, Hv or H), dtype)
+    # numpy, not jax.random: eager jax.random compiles a program per shape.
+    rng = np.random.default_rng(seed)
+    shapes = [(B, T, N, H), (B, S, K, H), (B, S, K, Hv or H)]
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for shape in shapes)
     return q, k, v
 
 
@@ -104,20 +103,38 @@ def _outputs_and_grads(attn, q, k, v, bias):
     """`(out, lse, grads)` in one jitted function: grads (w.r.t. q, k, v and bias if given) of
     a scalar that uses both outputs, so the lse cotangent is exercised too."""
 
+    rng = np.random.default_rng(1)  # the same cotangents for every attn
+
     def run(q, k, v, bias):
         primals = (q, k, v) if bias is None else (q, k, v, bias)
         (out, lse), pullback = jax.vjp(lambda *a: attn(*a[:3], *a[3:]), *primals)
-        ks = jax.random.split(jax.random.key(1), 2)
-        ct_out = jax.random.normal(ks[0], out.shape, out.dtype)
-        ct_lse = jnp.where(jnp.isfinite(lse), jax.random.normal(ks[1], lse.shape), 0.0)
+        ct_out = jnp.asarray(rng.standard_normal(out.shape, np.float32), out.dtype)
+        ct_lse = jnp.where(jnp.isfinite(lse), rng.standard_normal(lse.shape, np.float32), 0.0)
         return out, lse, pullback((ct_out, ct_lse))
 
     return _jit(run)(q, k, v, bias)
 
 
+def _fast_compile_options() -> dict:
+    """The tests check numbers, not speed: these XLA:CPU options compile ~3x faster. Dropped if
+    this jaxlib does not know them."""
+    options = {
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+        "xla_cpu_use_fusion_emitters": False,
+    }
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+    except Exception:  # an unknown option on an older or newer jaxlib
+        return {}
+    return options
+
+
+COMPILE_OPTIONS = _fast_compile_options()
+
+
 def _jit(fn):
-    # The tests check numbers, not speed: skip LLVM's expensive passes to compile faster.
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+    return jax.jit(fn, compiler_options=COMPILE_OPTIONS)
 
 
 def _compare(q, k, v, bias=None, *, atol=2e-5, grad_atol=1e-4, block_sizes=BLOCKS, **kw):
@@ -172,7 +189,7 @@ def test_matches_naive(name):
     kw = dict(CASES[name])
     q, k, v = _inputs()
     if "mask_shape" in kw:
-        kw["mask"] = jax.random.bernoulli(jax.random.key(7), 0.7, kw.pop("mask_shape"))
+        kw["mask"] = np.random.default_rng(7).random(kw.pop("mask_shape")) < 0.7
     _compare(q, k, v, **kw)
 
 
@@ -183,7 +200,7 @@ def test_matches_naive(name):
 )
 def test_bias_broadcasting_and_gradient(bias_shape):
     q, k, v = _inputs()
-    bias = jax.random.normal(jax.random.key(3), bias_shape)
+    bias = jnp.asarray(np.random.default_rng(3).standard_normal(bias_shape, np.float32))
     _, _, grads = _compare(q, k, v, bias, causal=True, alignment="bottom_right")
     assert grads[3].shape == bias_shape
 
@@ -236,7 +253,8 @@ def test_document_mask_mod_closing_over_traced_ids():
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
     q, k, v = _inputs(B=3, T=19, S=37)
-    mask = jnp.ones((3, 1, 19, 37), bool).at[:, :, 4].set(False)  # row 4 hidden everywhere
+    mask = np.ones((3, 1, 19, 37), bool)
+    mask[:, :, 4] = False  # row 4 hidden everywhere
     kw = dict(
         mask=mask,
         q_lengths=jnp.array([19, 12, 19]),  # rows 12.. of example 1 are padding
@@ -317,28 +335,30 @@ def test_default_implementation_uses_blocked_for_long_keys():
 
 def test_vmap_over_an_extra_leading_axis():
     q, k, v = _inputs(B=2, T=19, S=37)
-    qs, ks, vs = (jnp.stack([x, 2.0 * x, -x]) for x in (q, k, v))
+    qs, ks, vs = (jnp.asarray(np.stack([x, 2.0 * x, -x])) for x in (q, k, v))
     lengths = jnp.array([[37, 5], [10, 37], [0, 20]])
 
     def one(q, k, v, lengths):
         return _public(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
 
-    loss = lambda q, k, v, n: jnp.sum(jnp.sin(one(q, k, v, n)))
-    got, grads = _jit(lambda *a: (jax.vmap(one)(*a), jax.vmap(jax.grad(loss))(*a)))(
-        qs, ks, vs, lengths
-    )
     naive = lambda q, k, v, n: naive_attention(q, k, v, causal=True, kv_lengths=n)[0]
-    naive_loss = lambda q, k, v, n: jnp.sum(jnp.sin(naive(q, k, v, n)))
-    for i in range(3):
-        args = (qs[i], ks[i], vs[i], lengths[i])
-        np.testing.assert_allclose(got[i], naive(*args), atol=2e-5)
-        np.testing.assert_allclose(grads[i], jax.grad(naive_loss)(*args), atol=1e-4)
+
+    def outputs_and_grads(attn):
+        loss = lambda q, k, v, n: jnp.sum(jnp.sin(attn(q, k, v, n)))
+        return _jit(lambda *a: (jax.vmap(attn)(*a), jax.vmap(jax.grad(loss))(*a)))(
+            qs, ks, vs, lengths
+        )
+
+    got, grads = outputs_and_grads(one)
+    want, want_grads = outputs_and_grads(naive)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(grads, want_grads, atol=1e-4)
 
 
 def test_check_grads():
     q, k, v = _inputs(B=1, T=11, S=13, N=2, K=1, H=4)
-    bias = 0.1 * jax.random.normal(jax.random.key(5), (1, 2, 11, 13))
-    fn = _jit(lambda q, k, v, bias: _blocked(q, k, v, bias, causal=True, window=(4, 2))[0])
+    bias = jnp.asarray(0.1 * np.random.default_rng(5).standard_normal((1, 2, 11, 13), np.float32))
+    fn = lambda q, k, v, bias: _blocked(q, k, v, bias, causal=True, window=(4, 2))[0]
     check_grads(fn, (q, k, v, bias), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
 
 
@@ -349,7 +369,7 @@ def test_gradient_flows_into_arrays_that_score_mod_closes_over():
         mod = flaxattn.kernels.relative_bias_score_mod(table, 3)
         return jnp.sum(jnp.sin(attn(q, k, v, score_mod=mod, causal=True)[0]))
 
-    table = jnp.linspace(-1.0, 1.0, 7)
+    table = jnp.asarray(np.linspace(-1.0, 1.0, 7, dtype=np.float32))
     got = _jit(jax.grad(functools.partial(loss, _blocked)))(table)
     want = _jit(jax.grad(functools.partial(loss, _naive)))(table)
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -368,10 +388,11 @@ def test_compiled_temp_memory_grows_linearly():
         fwd = lambda q, k, v: blocked_attention(
             q, k, v, visibility=Visibility(is_causal=True), scale=0.2, block_sizes=(128, 128)
         )[0]
-        if not backward:
-            return compiled_temp_bytes(fwd, x, x, x)
-        vjp = lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do)
-        return compiled_temp_bytes(vjp, x, x, x, x)
+        fn = fwd if not backward else lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do)
+        args = (x,) * (4 if backward else 3)
+        # As flaxattn.benchmarking.compiled_temp_bytes, with the fast-compile options (they
+        # leave buffer assignment, hence the figure, unchanged).
+        return _jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     for backward in (False, True):
         sizes = [temp(T, backward) for T in (1024, 2048, 4096)]
@@ -379,29 +400,38 @@ def test_compiled_temp_memory_grows_linearly():
         assert sizes[2] < 4 * 4096 * 4096 * 4 / 16, sizes
 
 
-def _count_blocks(T, S, block_sizes, **kw):
-    """Run the forward with a mask_mod that reports each evaluation: one per computed block."""
+def _block_counter(**kw):
+    """A compiled forward (T = S = 128, blocks of 16, so 8 x 8 blocks) whose mask_mod reports
+    each evaluation, i.e. each computed block; returns `count(q_len, kv_len)`."""
     calls = []
 
     def counting_mod(q_idx, kv_idx):
         jax.debug.callback(lambda i, j: calls.append((int(i), int(j))), q_idx[0, 0], kv_idx[0, 0])
         return jnp.ones((q_idx.shape[0], kv_idx.shape[1]), bool)
 
-    q, k, v = _inputs(B=1, T=T, S=S, N=2, K=1)
-    out = _blocked(q, k, v, block_sizes=block_sizes, mask_mod=counting_mod, **kw)[0]
-    jax.block_until_ready(out)
-    np.testing.assert_allclose(out, naive_attention(q, k, v, **kw)[0], atol=2e-5)
-    assert len(set(calls)) == len(calls)  # each block once
-    return len(calls)
+    q, k, v = _inputs(B=1, T=128, S=128, N=2, K=1)
+    run = _jit(lambda q_len, kv_len: _blocked(
+        q, k, v, block_sizes=(16, 16), mask_mod=counting_mod, q_lengths=q_len, kv_lengths=kv_len,
+        **kw,
+    )[0])
+
+    def count(q_len=128, kv_len=128):
+        calls.clear()
+        jax.block_until_ready(run(jnp.array([q_len]), jnp.array([kv_len])))
+        jax.effects_barrier()
+        assert len(set(calls)) == len(calls)  # each block once
+        return len(calls)
+
+    return count
 
 
 def test_masked_blocks_are_skipped_not_computed():
-    # 8 query blocks x 8 key blocks of 16.
-    assert _count_blocks(128, 128, (16, 16)) == 64
-    assert _count_blocks(128, 128, (16, 16), causal=True) == 36  # lower triangle + diagonal
+    # The loop bounds are runtime values: one compiled program, different lengths.
+    count = _block_counter()
+    assert count() == 64
+    assert count(kv_len=40) == 24  # only 3 key blocks hold keys
+    assert count(q_len=20) == 16  # query blocks past q_len are skipped entirely
+    assert count(q_len=0, kv_len=0) == 0
+    assert _block_counter(causal=True)() == 36  # lower triangle + diagonal
     # Window of +-10 around the diagonal: each query block touches 2 or 3 key blocks.
-    assert _count_blocks(128, 128, (16, 16), window=(10, 10)) == 22
-    # Only the first 40 keys exist: 3 key blocks per query block.
-    assert _count_blocks(128, 128, (16, 16), kv_lengths=jnp.array([40])) == 24
-    # Queries past q_len see nothing: their blocks are skipped entirely.
-    assert _count_blocks(128, 128, (16, 16), q_lengths=jnp.array([20])) == 16
+    assert _block_counter(window=(10, 10))() == 22

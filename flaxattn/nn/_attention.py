@@ -185,7 +185,8 @@ class MultiHeadAttention(Capturable, nnx.Module):
         Returns:
           `[B, T, F_out]`.
         """
-        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        self_attention = inputs_kv is None
+        inputs_kv = inputs_q if self_attention else inputs_kv
         _check_features("inputs_q", inputs_q, self.in_features)
         _check_features("inputs_kv", inputs_kv, self.in_kv_features)
         query = self.query(inputs_q)  # [B, T, N, H]
@@ -193,47 +194,28 @@ class MultiHeadAttention(Capturable, nnx.Module):
         value = self.value(inputs_kv)  # [B, S, K, H]
         if self.query_ln is not None:
             query, key = self.query_ln(query), self.key_ln(key)
-
-        kwargs: dict[str, Any] = {
-            "is_causal": is_causal,
-            "query_seq_lengths": query_seq_lengths,
-            "key_value_seq_lengths": key_value_seq_lengths,
-        }
+        visibility = dict(is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                          key_value_seq_lengths=key_value_seq_lengths)
         offset = 0
         if decode:
-            if inputs_kv is not inputs_q:
-                raise ValueError("decode=True caches self-attention; pass inputs_kv=None.")
-            if key_value_seq_lengths is not None:
-                raise ValueError("key_value_seq_lengths is set by the KV cache when decode=True.")
+            if not self_attention or key_value_seq_lengths is not None:
+                raise ValueError("decode=True caches self-attention: pass neither inputs_kv nor "
+                                 "key_value_seq_lengths (the cache sets them).")
             offset = self.get_cache().index
-        if self.rope is not None:
+        if self.rope is not None:  # positions continue from the cache index
             query = apply_rope(query, offset + jnp.arange(query.shape[1]), self.rope)
             key = apply_rope(key, offset + jnp.arange(key.shape[1]), self.rope)
         if decode:
-            cache = self.get_cache().append(key, value)
-            self.cache.set_value(cache)
-            key, value = cache.key, cache.value  # [B, L, K, H]
-            new = query.shape[1] if query_seq_lengths is None else query_seq_lengths
-            kwargs["key_value_seq_lengths"] = jnp.broadcast_to(
-                offset + new, (query.shape[0],)
-            ).astype(jnp.int32)
-            if is_causal and self.implementation in ("xla", "cudnn"):
-                # jax.nn has no bottom-right alignment: hide the later keys with a mask.
-                T, L = query.shape[1], key.shape[1]
-                later = jnp.arange(L)[None, :] > offset + jnp.arange(T)[:, None]  # [T, L]
-                mask = combine_masks(mask, ~later)
-                kwargs["is_causal"] = False
-            elif is_causal:
-                kwargs["causal_alignment"] = "bottom_right"
-        visibility = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+            key, value, mask, visibility = self._append_to_cache(key, value, mask, visibility)
+        visibility = {k: v for k, v in visibility.items() if v is not None and v is not False}
 
-        deterministic = self.deterministic if deterministic is None else deterministic
-        call_kwargs = dict(visibility)
+        kwargs = dict(visibility)
         if self.implementation is not None:
-            call_kwargs["implementation"] = self.implementation
+            kwargs["implementation"] = self.implementation
+        deterministic = self.deterministic if deterministic is None else deterministic
         if self.dropout_rate > 0.0 and not deterministic:
-            call_kwargs.update(dropout_rate=self.dropout_rate, dropout_key=self.rngs())
-        x = self.attention_fn(query, key, value, bias, mask, **call_kwargs)  # [B, T, N, H]
+            kwargs.update(dropout_rate=self.dropout_rate, dropout_key=self.rngs())
+        x = self.attention_fn(query, key, value, bias, mask, **kwargs)  # [B, T, N, H]
 
         if self.capture is not None:
             self.sow_captured(
@@ -242,8 +224,29 @@ class MultiHeadAttention(Capturable, nnx.Module):
         if self.intervention is not None:
             head_mask = self.intervention.mask if head_mask is None else head_mask
             head_scale = self.intervention.scale if head_scale is None else head_scale
-        x = _intervene(x, head_mask, head_scale)
-        return self.out(x)
+        return self.out(_intervene(x, head_mask, head_scale))
+
+    def _append_to_cache(self, key, value, mask, visibility):
+        """Write this chunk's keys/values; return the whole cache `[B, L, K, H]` and how the
+        chunk sees it: keys up to `index + T`, causal aligned bottom-right (query i is at
+        position `index + i`)."""
+        old = self.get_cache()
+        cache = old.append(key, value)
+        self.cache.set_value(cache)
+        B, T = key.shape[:2]
+        lengths = visibility["query_seq_lengths"]
+        new = T if lengths is None else lengths
+        visibility["key_value_seq_lengths"] = jnp.broadcast_to(old.index + new, (B,)).astype(
+            jnp.int32
+        )
+        if visibility["is_causal"] and self.implementation in ("xla", "cudnn"):
+            # jax.nn has no bottom-right alignment: hide the later keys with a mask instead.
+            later = jnp.arange(cache.max_length)[None, :] > old.index + jnp.arange(T)[:, None]
+            mask = combine_masks(mask, ~later)  # [T, L] with the caller's mask
+            visibility["is_causal"] = False
+        elif visibility["is_causal"]:
+            visibility["causal_alignment"] = "bottom_right"
+        return cache.key, cache.value, mask, visibility
 
 
 def _check_features(name: str, x: Array, features: int) -> None:

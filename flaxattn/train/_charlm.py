@@ -20,7 +20,7 @@ from flaxattn.train._config import CharLMConfig
 from flaxattn.train._seq2seq import transformer_config
 from flaxattn.train._task import Batch, Runner, Task, length_mask, masked_cross_entropy
 
-PROMPT_CHARS = 32  # characters of validation text that prompt each sample
+PROMPT_CHARS = 16  # characters of validation text that prompt each sample
 EXPORT_CHARS = 48  # characters per exported example (self-attention is [T, T])
 _VISIBLE = {"\n": "\\n", "\t": "\\t", " ": "\u2423"}
 

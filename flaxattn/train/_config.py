@@ -99,7 +99,8 @@ class CharLMConfig(TransformerFields, TrainConfig):
     steps: int = 1200
     batch_size: int = 32
     eval_examples: int = 64  # validation windows per evaluation
-    sample_chars: int = 200  # characters per generated sample at the end
+    sample_chars: int = 48  # new characters per sample (prompt + sample <= context stays in
+    # the positions the model was trained on; beyond them it degrades)
     num_samples: int = 2  # samples generated at the end (with the KV cache)
     temperature: float = 0.8  # sampling temperature
     top_k: int = 0  # sample from the k most likely characters (0: all)

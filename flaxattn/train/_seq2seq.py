@@ -274,6 +274,10 @@ class SequenceTask(Seq2SeqTask):
         )
 
     def alignment_target(self, b):
+        if self.config.task == "sort":  # any source copy of the emitted symbol will do
+            src_valid = np.arange(b["src"].shape[1])[None, :] < b["src_lengths"][:, None]
+            same = b["tgt_out"][:, :, None] == b["src"][:, None, :]  # [B, T, S]
+            return same & src_valid[:, None, :]
         return data.expected_source_position(self.config.task, b["src"], b["src_lengths"])
 
     def make_model(self, rngs: nnx.Rngs):
