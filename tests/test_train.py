@@ -234,7 +234,7 @@ def _needs(*names):
 
 
 CASES = {
-    "reverse": ({**TINY_TRANSFORMER, "max_len": 5, "figures": True}, ["exact_match", "alignment"]),
+    "reverse": ({**TINY_TRANSFORMER, "max_len": 5}, ["exact_match", "alignment"]),
     "sort": ({**TINY_TRANSFORMER, "max_len": 5}, ["exact_match", "alignment"]),  # slow: as reverse
     "dates-rnn": ({**TINY_RNN, "model": "rnn"}, ["exact_match", "alignment", "alignment_year"]),
     "dates-transformer": (
@@ -245,7 +245,8 @@ CASES = {
                               ["accuracy", "attention_mass_on_sentiment", "uniform_baseline"]),
     "charlm": ({**TINY_TRANSFORMER, "context": 16, "sample_chars": 8, "num_samples": 1},
                ["bits_per_char"]),
-    "nadaraya_watson": ({"n_train": 12, "n_test": 6}, ["mse", "mse_nonparametric"]),
+    "nadaraya_watson": ({"n_train": 12, "n_test": 6, "figures": True},  # the cheapest
+                        ["mse", "mse_nonparametric", "bandwidth"]),
 }  # fmt: skip
 NEEDS = {
     "dates-rnn": ("BahdanauSeq2Seq",),
@@ -254,7 +255,16 @@ NEEDS = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_needs(*NEEDS.get(c, ()))) for c in CASES])
+SLOW = {"sort"}  # the same code path as reverse
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=[_needs(*NEEDS.get(c, ()))] + [pytest.mark.slow] * (c in SLOW))
+        for c in CASES
+    ],
+)
 def test_task_runs_end_to_end_at_tiny_size(case, tmp_path):
     changes, expected = CASES[case]
     config = dataclasses.replace(default_config(case.split("-")[0]), **{**TINY, **changes})
@@ -275,7 +285,9 @@ def test_task_runs_end_to_end_at_tiny_size(case, tmp_path):
         assert w.ndim == 4 and np.all(np.isfinite(w))
     if config.figures:
         figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
-        assert "training_curves.png" in figures and any(f.startswith("heatmap") for f in figures)
+        assert {"training_curves.png", "regression.png"} <= set(figures)
+        assert any(f.startswith("heatmap") for f in figures)
+        assert all((tmp_path / "run" / "figures" / f).stat().st_size > 1000 for f in figures)
     if config.task == "charlm":
         assert (tmp_path / "run" / "samples.txt").read_text().strip()
     if config.task == "reverse":  # re-exporting from the checkpoint gives the same weights

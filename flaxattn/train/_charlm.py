@@ -124,22 +124,8 @@ class CharLMTask(Task):
         inputs_, lengths = data.pad_batch(rows, max(map(len, rows)), self.vocab.pad_id)
         return {"inputs": inputs_, "lengths": lengths}
 
-    def export(
-        self,
-        run,
-        path,
-        meta,
-        *,
-        inputs=None,
-        examples=None,
-        top_k=None,
-        layer_filter=None,
-        heads=None,
-    ):
-        b = self.export_batch(run, inputs, examples)
-        if b is None:
-            return None
-        width = b["inputs"].shape[1] if inputs else min(EXPORT_CHARS, b["inputs"].shape[1])
+    def write_export(self, run, b, path, meta, *, bounded, user_inputs):
+        width = b["inputs"].shape[1] if user_inputs else min(EXPORT_CHARS, b["inputs"].shape[1])
         tokens = b["inputs"][:, :width]
         lengths = np.minimum(b["lengths"], width)
         captured = jax.device_get(run(_capture, tokens, lengths))
@@ -153,7 +139,7 @@ class CharLMTask(Task):
             query_tokens=chars,
             query_lengths=lengths,
             meta=meta,
-            **self.bounded(top_k, layer_filter, heads),
+            **bounded,
         )
 
     def describe(self) -> dict[str, Any]:

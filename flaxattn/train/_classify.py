@@ -131,21 +131,7 @@ class SentimentTask(Task):
         labels = np.full((len(rows),), -1, np.int32)
         return {"tokens": tokens, "lengths": lengths, "labels": labels, "marks": marks}
 
-    def export(
-        self,
-        run,
-        path,
-        meta,
-        *,
-        inputs=None,
-        examples=None,
-        top_k=None,
-        layer_filter=None,
-        heads=None,
-    ):
-        b = self.export_batch(run, inputs, examples)
-        if b is None:
-            return None
+    def write_export(self, run, b, path, meta, *, bounded, user_inputs):
         n = len(b["tokens"])
         logits, captured = run(_capture, b)
         words = [self.vocab.decode(row, strip=False) for row in b["tokens"]]
@@ -167,7 +153,7 @@ class SentimentTask(Task):
                 "label": b["labels"],
                 "prediction": np.asarray(logits).argmax(-1),
             },
-            **self.bounded(top_k, layer_filter, heads),
+            **bounded,
         )
 
     def describe(self) -> dict[str, Any]:

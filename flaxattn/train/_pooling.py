@@ -79,33 +79,24 @@ class NadarayaWatsonTask(Task):
             metrics["bandwidth"] = float(run(_bandwidth))
         return metrics
 
-    def export(
-        self,
-        run,
-        path,
-        meta,
-        *,
-        inputs=None,
-        examples=None,
-        top_k=None,
-        layer_filter=None,
-        heads=None,
-    ):
-        if inputs:
-            raise ValueError("nadaraya_watson exports its test grid; it takes no inputs")
-        if (self.config.export_examples if examples is None else examples) == 0:
-            return None
-        _, captured = jax.device_get(run(_capture, *self._test()))
+    def export_set(self, n: int) -> Batch:
+        """The test grid: one example whose queries are the test points."""
+        x_test, x_train, y_train = self._test()
+        return {"queries": x_test, "keys": x_train, "values": y_train}
+
+    def write_export(self, run, b, path, meta, *, bounded, user_inputs):
+        _, captured = jax.device_get(run(_capture, b["queries"], b["keys"], b["values"]))
         if not captured:
             return None
-        fmt = lambda xs: [[f"{v:.2f}" for v in xs]]
+        fmt = lambda rows: [[f"{v:.2f}" for v in row] for row in rows]
         return save_attention(
             path,
             layers={p or "nadaraya_watson": w for p, w in captured.items()},  # the root is ''
             kinds="cross",
-            query_tokens=fmt(self.points["x_test"]),
-            key_tokens=fmt(self.points["x_train"]),
+            query_tokens=fmt(b["queries"]),
+            key_tokens=fmt(b["keys"]),
             meta=meta,
+            **bounded,
         )
 
     def finish(self, run: Runner, workdir: Path) -> dict[str, Any]:

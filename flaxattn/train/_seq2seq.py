@@ -212,26 +212,12 @@ class Seq2SeqTask(Task):
     def tokenize(self, text: str) -> list[str]:
         return list(text.strip())
 
-    def export(
-        self,
-        run,
-        path,
-        meta,
-        *,
-        inputs=None,
-        examples=None,
-        top_k=None,
-        layer_filter=None,
-        heads=None,
-    ):
-        b = self.export_batch(run, inputs, examples)
-        if b is None:
-            return None
+    def write_export(self, run, b, path, meta, *, bounded, user_inputs):
         captured = jax.device_get(run(self._capture, b))
         pred = self.predict(run, b)
         strings = lambda ids: np.array(["".join(self.vocab.decode(r)) for r in ids])
         extras = {"prediction": strings(pred), "target": strings(b["tgt_out"])}
-        if not inputs:
+        if not user_inputs:
             extras.update(self.export_extras(b))
         return save_attention(
             path,
@@ -243,7 +229,7 @@ class Seq2SeqTask(Task):
             key_lengths=b["src_lengths"],
             meta=meta,
             extras=extras,
-            **self.bounded(top_k, layer_filter, heads),
+            **bounded,
         )
 
     def export_extras(self, b: Batch) -> dict[str, np.ndarray]:

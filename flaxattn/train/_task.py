@@ -98,28 +98,44 @@ class Task(abc.ABC):
         them, the first ``examples`` (default ``config.export_examples``) held-out examples.
         ``top_k`` (default ``config.export_top_k``), ``layer_filter`` and ``heads`` bound it.
         """
-        return None
+        if inputs:
+            b = self.encode_inputs(run, inputs)
+        else:
+            n = self.config.export_examples if examples is None else examples
+            if n <= 0:
+                return None
+            b = self.export_set(n)
+            if b is None:
+                return None
+        bounded = {
+            "top_k": top_k or self.config.export_top_k or None,
+            "layer_filter": layer_filter or None,
+            "heads": heads,
+        }
+        return self.write_export(run, b, path, meta, bounded=bounded, user_inputs=bool(inputs))
+
+    def export_set(self, n: int) -> Batch | None:
+        """The first ``n`` held-out examples (of ``self.eval_set``; None for a task without)."""
+        eval_set = getattr(self, "eval_set", None)
+        return None if eval_set is None else {k: v[:n] for k, v in eval_set.items()}
 
     def encode_inputs(self, run: Runner, inputs: Sequence[str]) -> Batch:
         """A batch from user strings, in the layout of the held-out set."""
         raise ValueError(f"task {self.config.task!r} does not take inputs")
 
-    def export_batch(self, run: Runner, inputs, examples) -> Batch | None:
-        """The batch to export: encoded ``inputs``, or the first held-out examples."""
-        if inputs:
-            return self.encode_inputs(run, inputs)
-        n = self.config.export_examples if examples is None else examples
-        if n <= 0:
-            return None
-        return {k: v[:n] for k, v in self.eval_set.items()}
-
-    def bounded(self, top_k, layer_filter, heads) -> dict[str, Any]:
-        """Bounded-export keywords for :func:`flaxattn.export.save_attention`."""
-        return {
-            "top_k": top_k or self.config.export_top_k or None,
-            "layer_filter": layer_filter or None,
-            "heads": heads,
-        }
+    def write_export(
+        self,
+        run: Runner,
+        b: Batch,
+        path: Path,
+        meta: dict[str, Any],
+        *,
+        bounded: dict[str, Any],
+        user_inputs: bool,
+    ) -> Path | None:
+        """Capture the attention on ``b`` and save it (``bounded``: keywords of
+        :func:`flaxattn.export.save_attention`); None for a task without attention."""
+        return None
 
     def finish(self, run: Runner, workdir: Path) -> dict[str, Any]:
         """Anything else to do at the end of a run (e.g. samples); extra results to report."""
