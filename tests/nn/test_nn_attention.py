@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from nn_testing import assert_close, assert_useful_grads, normal
+from nn_testing import assert_close, assert_useful_grads, normal, rngs
 
 import flaxattn.nn as fnn
 
 
 def mha(**kwargs) -> fnn.MultiHeadAttention:
     settings = dict(num_heads=4, in_features=16, num_kv_heads=2)
-    return fnn.MultiHeadAttention(**{**settings, **kwargs}, rngs=nnx.Rngs(0))
+    return fnn.MultiHeadAttention(**{**settings, **kwargs}, rngs=rngs())
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_head_scale_is_linear_in_each_head():
 
 
 def test_head_interventions_reach_the_layers_inside_a_model():
-    block = fnn.TransformerEncoderLayer(16, 4, 32, num_kv_heads=2, rngs=nnx.Rngs(0))
+    block = fnn.TransformerEncoderLayer(16, 4, 32, num_kv_heads=2, rngs=rngs())
     x = normal(0, (2, 5, 16))
     mask, scale = np.array([1, 0, 1, 1], bool), np.array([1.0, 1.0, 0.5, 2.0], np.float32)
     direct = nnx.jit(lambda m: m(x, head_mask=mask, head_scale=scale))(block)
@@ -122,7 +122,7 @@ def test_dropout_is_deterministic_for_the_same_rngs():
     x = normal(0, (2, 5, 16))
 
     def run(seed, deterministic=False):
-        layer = fnn.MultiHeadAttention(4, 16, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=seed))
+        layer = fnn.MultiHeadAttention(4, 16, dropout_rate=0.5, rngs=rngs(0, dropout=seed))
         return call(layer, deterministic)
 
     assert_close(run(1), run(1), atol=0, rtol=0)
@@ -167,8 +167,8 @@ def test_call_errors(call, match):
 def test_scored_attention_layers():
     query, keys, values = normal(0, (2, 3, 6)), normal(1, (2, 7, 5)), normal(2, (2, 7, 4))
     lengths = np.array([7, 2], np.int32)
-    additive = fnn.AdditiveAttention(6, 5, 8, num_heads=2, rngs=nnx.Rngs(0))
-    general = fnn.MultiplicativeAttention(6, 5, rngs=nnx.Rngs(0))
+    additive = fnn.AdditiveAttention(6, 5, 8, num_heads=2, rngs=rngs())
+    general = fnn.MultiplicativeAttention(6, 5, rngs=rngs())
 
     def loss(layer):
         out = layer(query, keys, values, key_value_seq_lengths=lengths)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
-from nn_testing import assert_close, normal, tiny_config, tokens
+from nn_testing import assert_close, normal, rngs, tiny_config, tokens
 
 import flaxattn.nn as fnn
 
@@ -18,7 +18,7 @@ TGT_LENGTHS = np.array([6, 4], np.int32)
 def seq2seq():
     """A 1 + 2 layer encoder-decoder, its inputs, its output and its full capture."""
     model = fnn.EncoderDecoderTransformer(tiny_config(num_layers=2, num_encoder_layers=1),
-                                          rngs=nnx.Rngs(0))
+                                          rngs=rngs())
     args = (tokens(0, (2, 5)), tokens(1, (2, 6)))
     kwargs = dict(src_lengths=SRC_LENGTHS, tgt_lengths=TGT_LENGTHS)
     output = nnx.jit(lambda m: m(*args, **kwargs))(model)
@@ -55,7 +55,7 @@ def test_capture_keeps_outputs_and_finds_every_layer(seq2seq):
 
 def test_captured_weights_match_an_independent_softmax():
     """One layer by hand: softmax(q kᵀ / sqrt(H)) from its own projections (GQA, RoPE)."""
-    layer = fnn.MultiHeadAttention(4, 16, num_kv_heads=2, rope=True, rngs=nnx.Rngs(0))
+    layer = fnn.MultiHeadAttention(4, 16, num_kv_heads=2, rope=True, rngs=rngs())
     x = normal(0, (2, 5, 16))
     _, weights = fnn.capture_attention(layer, x, is_causal=True)
 
@@ -94,7 +94,7 @@ def test_capture_is_the_same_for_every_implementation(implementation):
     kwargs = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     results = {
         name: fnn.capture_attention(
-            fnn.MultiHeadAttention(4, 16, implementation=name, rngs=nnx.Rngs(0)), x, **kwargs
+            fnn.MultiHeadAttention(4, 16, implementation=name, rngs=rngs()), x, **kwargs
         )
         for name in ("reference", implementation)
     }
@@ -104,7 +104,7 @@ def test_capture_is_the_same_for_every_implementation(implementation):
 
 
 def test_capture_rnn_models_and_bound_methods(seq2seq):
-    bahdanau = fnn.BahdanauSeq2Seq(11, 13, 8, 12, rngs=nnx.Rngs(0))
+    bahdanau = fnn.BahdanauSeq2Seq(11, 13, 8, 12, rngs=rngs())
     src, tgt = tokens(0, (2, 5), vocab=11), tokens(1, (2, 4))
     run = nnx.jit(lambda m: (m(src, SRC_LENGTHS, tgt),
                              fnn.capture_attention(m, src, SRC_LENGTHS, tgt)))

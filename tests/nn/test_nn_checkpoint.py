@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from nn_testing import assert_close, tiny_config, tokens
+from nn_testing import assert_close, rngs, tiny_config, tokens
 
 import flaxattn.nn as fnn
 
@@ -19,7 +19,7 @@ def _leaves(state: nnx.State) -> list[np.ndarray]:
 
 def test_orbax_round_trip(tmp_path):
     config = tiny_config(positional="t5", dropout_rate=0.1)  # params and RNG state
-    model = fnn.DecoderLM(config, rngs=nnx.Rngs(0))
+    model = fnn.DecoderLM(config, rngs=rngs())
     forward = nnx.jit(lambda m, t, deterministic: m(t, deterministic=deterministic),
                       static_argnums=2)
     forward(model, tokens(0, (2, 5)), False)  # advance the RNG counts
@@ -28,7 +28,7 @@ def test_orbax_round_trip(tmp_path):
     checkpointer.save(tmp_path / "state", state)
     checkpointer.wait_until_finished()
 
-    fresh = fnn.DecoderLM(config, rngs=nnx.Rngs(1))
+    fresh = fnn.DecoderLM(config, rngs=rngs(1))
     assert not all(np.array_equal(a, b) for a, b in zip(_leaves(state),
                                                         _leaves(nnx.state(fresh)), strict=True))
     restored = checkpointer.restore(tmp_path / "state", nnx.state(fresh))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import linen, nnx
-from nn_testing import assert_close, normal
+from nn_testing import assert_close, normal, rngs
 
 import flaxattn.nn as fnn
 
@@ -18,7 +18,7 @@ MASK[..., 0] = True  # no fully-masked row, where flax averages and flaxattn giv
 
 def _nnx_pair(**kwargs):
     make = lambda **extra: nnx.MultiHeadAttention(
-        4, 16, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0), **kwargs, **extra
+        4, 16, num_kv_heads=2, decode=False, rngs=rngs(), **kwargs, **extra
     )
     return make(), make(attention_fn=fnn.flax_attention_fn())
 
@@ -46,7 +46,7 @@ def test_flax_nnx_attention_fn(call):
 def test_flax_nnx_attention_fn_dropout_is_keyed_by_flax_rngs():
     make = lambda seed: nnx.MultiHeadAttention(
         4, 16, dropout_rate=0.5, attention_fn=fnn.flax_attention_fn(), decode=False,
-        rngs=nnx.Rngs(0, dropout=seed),
+        rngs=rngs(0, dropout=seed),
     )
     run = lambda m: m(X, deterministic=False)
     assert_close(run(make(1)), run(make(1)), atol=0, rtol=0)
@@ -70,8 +70,8 @@ def test_flax_linen_attention_fn():
 
 def test_from_flax_nnx_gives_the_same_outputs():
     flax_mha = nnx.MultiHeadAttention(4, 16, num_kv_heads=2, qkv_features=8, out_features=12,
-                                      normalize_qk=True, decode=False, rngs=nnx.Rngs(3))
-    ours = fnn.from_flax_nnx(flax_mha, rngs=nnx.Rngs(0))
+                                      normalize_qk=True, decode=False, rngs=rngs(3))
+    ours = fnn.from_flax_nnx(flax_mha, rngs=rngs())
     assert isinstance(ours, fnn.MultiHeadAttention)
     run = nnx.jit(lambda m: (m(X, KV, mask=MASK), m(X, is_causal=True)))
     expected = run(flax_mha)
@@ -83,7 +83,7 @@ def test_from_flax_nnx_gives_the_same_outputs():
 
 def test_interop_errors():
     with pytest.raises(TypeError, match="mha must be a flax.nnx.MultiHeadAttention"):
-        fnn.from_flax_nnx(fnn.MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+        fnn.from_flax_nnx(fnn.MultiHeadAttention(4, 16, rngs=rngs()), rngs=rngs())
     attention_fn = fnn.flax_attention_fn()
     q = normal(0, (1, 3, 2, 4))
     with pytest.raises(ValueError, match="does not support custom einsums"):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from nn_testing import VOCAB, assert_close, assert_useful_grads, normal, tiny_config, tokens
+from nn_testing import VOCAB, assert_close, assert_useful_grads, normal, rngs, tiny_config, tokens
 
 import flaxattn.nn as fnn
 
@@ -29,9 +29,9 @@ def _mean_square(output, *others):
 def test_layers():
     """A pre-LN encoder layer and a post-LN decoder layer."""
     x, memory = normal(0, (2, 6, 16)), normal(1, (2, 5, 16))
-    encoder = fnn.TransformerEncoderLayer(16, 4, 32, num_kv_heads=2, rngs=nnx.Rngs(0))
+    encoder = fnn.TransformerEncoderLayer(16, 4, 32, num_kv_heads=2, rngs=rngs())
     decoder = fnn.TransformerDecoderLayer(16, 4, 32, num_kv_heads=2, pre_ln=False,
-                                          rngs=nnx.Rngs(0))
+                                          rngs=rngs())
     (out,) = _finite_grads(lambda m: _mean_square(m(x, lengths=LENGTHS)), encoder)
     assert out.shape == (2, 6, 16)
     memory_lengths = np.array([5, 2], np.int32)
@@ -45,7 +45,7 @@ def test_layers():
 
 def test_encoder_decoder_transformer():
     config = tiny_config(src_vocab_size=11, tie_embeddings=True, positional="alibi")
-    model = fnn.EncoderDecoderTransformer(config, rngs=nnx.Rngs(0))
+    model = fnn.EncoderDecoderTransformer(config, rngs=rngs())
     src, tgt = tokens(0, (2, 5), vocab=11), tokens(1, (2, 6))
     src_lengths = np.array([5, 3], np.int32)
     (logits,) = _finite_grads(
@@ -57,14 +57,14 @@ def test_encoder_decoder_transformer():
 @pytest.mark.parametrize("positional", ["learned", "none"])
 def test_decoder_lm(positional):
     model = fnn.DecoderLM(tiny_config(positional=positional, normalize_qk=True),
-                          rngs=nnx.Rngs(0))
+                          rngs=rngs())
     (logits,) = _finite_grads(lambda m: _mean_square(m(tokens(0, (2, 6)), lengths=LENGTHS)), model)
     assert logits.shape == (2, 6, VOCAB)
 
 
 def test_decoder_lm_is_causal():
     """Changing a later token leaves the logits of earlier positions unchanged."""
-    model = fnn.DecoderLM(tiny_config(positional="rope"), rngs=nnx.Rngs(0))
+    model = fnn.DecoderLM(tiny_config(positional="rope"), rngs=rngs())
     toks = tokens(0, (1, 6))
     forward = nnx.jit(lambda m, t: m(t))
     changed = toks.copy()
@@ -88,16 +88,16 @@ def _padding_is_ignored(model) -> None:
 
 def test_transformer_classifier_ignores_padding():
     _padding_is_ignored(fnn.TransformerClassifier(tiny_config(positional="t5"), 3,
-                                                  rngs=nnx.Rngs(0)))
+                                                  rngs=rngs()))
 
 
 def test_rnn_attention_classifier_ignores_padding():
     _padding_is_ignored(fnn.RNNAttentionClassifier(VOCAB, 8, 12, 3, cell="lstm",
-                                                   rngs=nnx.Rngs(0)))
+                                                   rngs=rngs()))
 
 
 def test_bahdanau_seq2seq():
-    model = fnn.BahdanauSeq2Seq(11, VOCAB, 8, 12, cell="gru", rngs=nnx.Rngs(0))
+    model = fnn.BahdanauSeq2Seq(11, VOCAB, 8, 12, cell="gru", rngs=rngs())
     src, src_lengths, tgt = tokens(0, (2, 6), vocab=11), LENGTHS, tokens(1, (2, 4))
     out = model.greedy_decode(src, src_lengths, max_length=4, bos_id=1)
     assert out.shape == (2, 4) and out.dtype == jnp.int32
@@ -112,7 +112,7 @@ def test_bahdanau_seq2seq():
 
 @pytest.mark.parametrize("learn_bandwidth", [True, False])
 def test_nadaraya_watson(learn_bandwidth):
-    model = fnn.NadarayaWatson(learn_bandwidth=learn_bandwidth, bandwidth=0.5, rngs=nnx.Rngs(0))
+    model = fnn.NadarayaWatson(learn_bandwidth=learn_bandwidth, bandwidth=0.5, rngs=rngs())
     queries, keys = np.linspace(0.0, 5.0, 4)[None], np.linspace(0.0, 5.0, 9)[None]
     values = np.sin(keys)
 
@@ -138,12 +138,12 @@ def test_dropout_is_deterministic_for_the_same_rngs():
                       static_argnums=1)
 
     def run(seed, deterministic=False):
-        return forward(fnn.DecoderLM(config, rngs=nnx.Rngs(0, dropout=seed)), deterministic)
+        return forward(fnn.DecoderLM(config, rngs=rngs(0, dropout=seed)), deterministic)
 
     assert_close(run(1), run(1), atol=0, rtol=0)
     assert not np.allclose(run(1), run(2))
     assert_close(run(1, True), run(2, True), atol=0, rtol=0)
-    model = fnn.DecoderLM(config, rngs=nnx.Rngs(0, dropout=1))
+    model = fnn.DecoderLM(config, rngs=rngs(0, dropout=1))
     assert not np.allclose(forward(model, False), forward(model, False))  # the stream advances
 
 
@@ -169,13 +169,13 @@ def test_config_errors(overrides, match):
 
 def test_model_argument_errors():
     with pytest.raises(ValueError, match="cell must be one of"):
-        fnn.RNNAttentionClassifier(VOCAB, 8, 12, 3, cell="rnn", rngs=nnx.Rngs(0))
+        fnn.RNNAttentionClassifier(VOCAB, 8, 12, 3, cell="rnn", rngs=rngs())
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
-        fnn.TransformerClassifier(tiny_config(), 0, rngs=nnx.Rngs(0))
+        fnn.TransformerClassifier(tiny_config(), 0, rngs=rngs())
     with pytest.raises(ValueError, match="bandwidth must be > 0"):
-        fnn.NadarayaWatson(learn_bandwidth=True, bandwidth=0.0, rngs=nnx.Rngs(0))
+        fnn.NadarayaWatson(learn_bandwidth=True, bandwidth=0.0, rngs=rngs())
     with pytest.raises(ValueError, match=r"tokens must be an int array \[B, T\]"):
-        fnn.DecoderLM(tiny_config(), rngs=nnx.Rngs(0))(jnp.ones((2, 3)))
-    layer = fnn.TransformerDecoderLayer(16, 4, 32, rngs=nnx.Rngs(0))
+        fnn.DecoderLM(tiny_config(), rngs=rngs())(jnp.ones((2, 3)))
+    layer = fnn.TransformerDecoderLayer(16, 4, 32, rngs=rngs())
     with pytest.raises(ValueError, match="memory .* is required for cross-attention"):
         layer(normal(0, (1, 3, 16)))
