@@ -295,3 +295,33 @@ def test_task_runs_end_to_end_at_tiny_size(case, tmp_path):
         assert again.paths == export.paths and again.meta["step"] == 3
         for path in export.paths:
             np.testing.assert_allclose(again.layers[path], export.layers[path], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- outcomes
+
+
+OUTCOMES = {
+    # case: (changes to the default config, {metric: minimum})
+    "reverse": ({}, {"exact_match": 0.99, "alignment": 0.95}),
+    "dates-rnn": ({"model": "rnn"}, {"exact_match": 0.98}),
+    "dates-transformer": ({"model": "transformer"}, {"exact_match": 0.98}),
+    "sentiment-rnn": ({"model": "rnn"}, {"accuracy": 0.95}),
+    "sentiment-transformer": ({"model": "transformer"}, {"accuracy": 0.95}),
+    "charlm": ({}, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(OUTCOMES))
+def test_default_run_reaches_its_outcome(case, tmp_path):
+    """The README's numbers: each default run (minutes on a 2-core CPU) solves its task."""
+    changes, minimum = OUTCOMES[case]
+    config = dataclasses.replace(default_config(case.split("-")[0]), **changes)
+    results = train_and_evaluate(config, tmp_path, progress=False)
+    for name, bound in minimum.items():
+        assert results[name] >= bound, (name, results[name])
+    if config.task == "sentiment":  # attention prefers the sentiment words to uniform
+        assert results["attention_mass_on_sentiment"] > results["uniform_baseline"]
+    if config.task == "charlm":  # validation bits per character fall
+        bpc = [r["bits_per_char"] for r in _records(tmp_path) if r["split"] == "eval"]
+        assert len(bpc) >= 3 and bpc[-1] < bpc[0] and all(np.diff(bpc) < 0.05)
