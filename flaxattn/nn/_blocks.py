@@ -30,14 +30,14 @@ class FeedForward(nnx.Module):
         self.activation = activation
         self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
         self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
-        self.dropout = _dropout(dropout_rate, rngs)
+        self.dropout = dropout_layer(dropout_rate, rngs)
 
     def __call__(self, x: Float[Array, "B T D"], *, deterministic: bool) -> Float[Array, "B T D"]:
         hidden = _ACTIVATIONS[self.activation](self.up(x))  # [B, T, d_ff]
         return self.down(self.dropout(hidden, deterministic=deterministic))
 
 
-def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+def dropout_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     # No RNG stream (hence no RNG state to checkpoint) when there is nothing to drop.
     return nnx.Dropout(rate, rngs=rngs if rate > 0.0 else None)
 
@@ -48,7 +48,7 @@ class _Sublayer(nnx.Module):
     def __init__(self, d_model: int, *, pre_ln: bool, dropout_rate: float, rngs: nnx.Rngs):
         self.pre_ln = pre_ln
         self.norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.dropout = _dropout(dropout_rate, rngs)
+        self.dropout = dropout_layer(dropout_rate, rngs)
 
     def __call__(self, x: Array, fn: Callable[[Array], Array], *, deterministic: bool) -> Array:
         if self.pre_ln:

@@ -58,7 +58,6 @@ def flax_attention_fn(implementation: str | None = None, **kernel_kwargs: Any) -
         force_fp32_for_softmax: bool = False,
         qk_attn_weights_einsum: Any = None,
         attn_weights_value_einsum: Any = None,
-        promote_dtype: Any = None,
     ) -> Array:
         del broadcast_dropout, precision, force_fp32_for_softmax
         if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
@@ -66,11 +65,8 @@ def flax_attention_fn(implementation: str | None = None, **kernel_kwargs: Any) -
                 "flax_attention_fn does not support custom einsums (qk_attn_weights_einsum, "
                 "attn_weights_value_einsum); use flax's own dot_product_attention."
             )
-        if promote_dtype is not None:
-            query, key, value = promote_dtype((query, key, value), dtype=dtype)
-        else:
-            dtype = jnp.result_type(query, key, value) if dtype is None else dtype
-            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        dtype = jnp.result_type(query, key, value) if dtype is None else dtype
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
         batch = query.shape[:-3]
         query, key, value = (_flatten_batch(x, batch) for x in (query, key, value))
         bias = None if bias is None else _flatten_batch(bias, batch)

@@ -11,6 +11,7 @@ from flax import nnx
 from jax import Array
 from jaxtyping import Float, Int
 
+from flaxattn.nn._blocks import dropout_layer
 from flaxattn.nn._checks import check_positive, check_tokens
 from flaxattn.nn._config import TransformerConfig
 from flaxattn.nn._decoding import run_on_copy, sample, scan_decode
@@ -203,8 +204,7 @@ class TransformerClassifier(nnx.Module):
         self.config = config
         self.encoder = TransformerEncoder(config, vocab_size=config.vocab_size,
                                           attention_fn=attention_fn, rngs=rngs)
-        self.dropout = nnx.Dropout(config.dropout_rate,
-                                   rngs=rngs if config.dropout_rate > 0.0 else None)
+        self.dropout = dropout_layer(config.dropout_rate, rngs)
         self.head = nnx.Linear(config.d_model, num_classes, rngs=rngs)
 
     def __call__(

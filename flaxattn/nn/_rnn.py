@@ -16,6 +16,7 @@ from jax import Array
 from jaxtyping import Float, Int
 
 from flaxattn.kernels._validate import check_choice
+from flaxattn.nn._blocks import dropout_layer
 from flaxattn.nn._checks import check_positive, check_tokens
 from flaxattn.nn._decoding import run_on_copy
 from flaxattn.nn._scored_attention import AdditiveAttention
@@ -71,7 +72,7 @@ class RNNAttentionClassifier(nnx.Module):
         self.rnn = nnx.RNN(_make_cell(cell, embed_dim, hidden_dim, rngs), rngs=False)
         self.query = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (A,)))
         self.attention = AdditiveAttention(A, hidden_dim, A, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0.0 else None)
+        self.dropout = dropout_layer(dropout_rate, rngs)
         self.head = nnx.Linear(hidden_dim, num_classes, rngs=rngs)
 
     def __call__(

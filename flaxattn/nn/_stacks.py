@@ -17,7 +17,11 @@ from jax import Array
 from jaxtyping import Float, Int
 
 from flaxattn.kernels import alibi_bias
-from flaxattn.nn._blocks import TransformerDecoderLayer, TransformerEncoderLayer, _dropout
+from flaxattn.nn._blocks import (
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+    dropout_layer,
+)
 from flaxattn.nn._checks import check_tokens
 from flaxattn.nn._config import TransformerConfig
 from flaxattn.nn._positional import (
@@ -59,7 +63,7 @@ class _Stack(nnx.Module):
             )
             if config.positional == "t5" else nnx.data(None)
         )
-        self.dropout = _dropout(config.dropout_rate, rngs)
+        self.dropout = dropout_layer(config.dropout_rate, rngs)
         self.final_norm = nnx.LayerNorm(D, rngs=rngs) if config.pre_ln else nnx.data(None)
 
     def _embed(
