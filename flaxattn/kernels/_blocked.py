@@ -89,8 +89,11 @@ class _Plan:
     bk: int
     visibility: Visibility  # is_causal / window / alignment only; lengths travel as Limits
     masking: str  # "never", "edges" (blocks the structured masks cut) or "always"
-    score_mod: Callable | None  # (s [K, G, bq, bk], q_idx, kv_idx, *consts) -> s, vmapped
-    mask_mod: Callable | None  # (q_idx [bq, 1], kv_idx [1, bk], *consts) -> bool
+    # score_mod / mask_mod closure-converted for the forward's tile orientation (rows: scores
+    # [K, G, bq, bk], q_idx [bq, 1], kv_idx [1, bk]) and the backward's (cols: [K, bk, G, bq],
+    # q_idx [1, bq], kv_idx [bk, 1]); both elementwise, so each sees the same values.
+    score_mod: tuple[Callable, Callable] | None  # (s, q_idx, kv_idx, *consts) -> s
+    mask_mod: tuple[Callable, Callable] | None  # (q_idx, kv_idx, *consts) -> bool
 
     @property
     def N(self) -> int:
@@ -111,10 +114,13 @@ class _Plan:
 
 
 class _Mods(NamedTuple):
-    """Arrays hoisted out of `score_mod` / `mask_mod` closures (custom_vjp arguments)."""
+    """Arrays hoisted out of the `score_mod` / `mask_mod` closures, per tile orientation
+    (custom_vjp arguments: the same arrays appear in both orientations)."""
 
-    score: tuple[Array, ...]
-    mask: tuple[Array, ...]
+    score_rows: tuple[Array, ...] = ()
+    score_cols: tuple[Array, ...] = ()
+    mask_rows: tuple[Array, ...] = ()
+    mask_cols: tuple[Array, ...] = ()
 
 
 def _pad_axis(x: Array, axis: int, size: int) -> Array:
@@ -182,16 +188,26 @@ def blocked_attention(
     else:
         masking = "edges"
 
-    q_idx = jax.ShapeDtypeStruct((bq, 1), jnp.int32)
-    kv_idx = jax.ShapeDtypeStruct((1, bk), jnp.int32)
-    converted_score_mod, score_consts = None, ()
+    # The mods, per orientation: index shapes, then the per-head score_mod (vmapped over K
+    # and G) with its score tile shape.
+    idx = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    rows = (idx(bq, 1), idx(1, bk))
+    cols = (idx(1, bq), idx(bk, 1))
+    mods = _Mods()
+    converted_score_mod = converted_mask_mod = None
     if score_mod is not None:
-        per_head = jax.vmap(jax.vmap(score_mod, in_axes=(0, None, None)), in_axes=(0, None, None))
-        scores = jax.ShapeDtypeStruct((K, G, bq, bk), jnp.float32)
-        converted_score_mod, score_consts = jax.closure_convert(per_head, scores, q_idx, kv_idx)
-    converted_mask_mod, mask_consts = None, ()
+        tile = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        per_head_rows = jax.vmap(jax.vmap(score_mod, (0, None, None)), (0, None, None))
+        per_head_cols = jax.vmap(jax.vmap(score_mod, (1, None, None), 1), (0, None, None))
+        fn_rows, consts_rows = jax.closure_convert(per_head_rows, tile(K, G, bq, bk), *rows)
+        fn_cols, consts_cols = jax.closure_convert(per_head_cols, tile(K, bk, G, bq), *cols)
+        converted_score_mod = (fn_rows, fn_cols)
+        mods = mods._replace(score_rows=tuple(consts_rows), score_cols=tuple(consts_cols))
     if mask_mod is not None:
-        converted_mask_mod, mask_consts = jax.closure_convert(mask_mod, q_idx, kv_idx)
+        fn_rows, consts_rows = jax.closure_convert(mask_mod, *rows)
+        fn_cols, consts_cols = jax.closure_convert(mask_mod, *cols)
+        converted_mask_mod = (fn_rows, fn_cols)
+        mods = mods._replace(mask_rows=tuple(consts_rows), mask_cols=tuple(consts_cols))
 
     plan = _Plan(
         B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk,
@@ -205,7 +221,6 @@ def blocked_attention(
         bias = _pad_axis(_pad_axis(bias, 2, Tp), 3, Sp)
     if mask is not None:
         mask = _pad_axis(_pad_axis(mask, 2, Tp), 3, Sp)
-    mods = _Mods(tuple(score_consts), tuple(mask_consts))
     out, lse = _attention(
         plan, q, k, v, bias, mask, limits, jnp.asarray(scale, jnp.float32), mods
     )
@@ -228,7 +243,12 @@ def _attention_bwd(plan, residuals, cotangents):
     dq, dk, dv, dbias, d_score_consts = _backward(
         plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse
     )
-    d_mods = _Mods(d_score_consts, tuple(None for _ in mods.mask))
+    # Only the backward's (cols) copies of the score_mod arrays get their gradient; the same
+    # arrays passed as the rows copies get none, so JAX's sum of the two is the gradient.
+    nothing = lambda consts: tuple(None for _ in consts)
+    d_mods = _Mods(
+        nothing(mods.score_rows), d_score_consts, nothing(mods.mask_rows), nothing(mods.mask_cols)
+    )
     return dq, dk, dv, dbias, None, None, None, d_mods
 
 
@@ -309,33 +329,50 @@ class _Block:
     limits: Limits
 
 
-def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bool):
-    """One block's scores `[K, G·bq, bk]` (hidden entries -inf), and for the backward the
-    visible mask `[K|1, G|1, bq, bk]` (or None) and score_mod's VJP (or None).
+def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bool,
+            cols: bool = False):
+    """One block's scores, hidden entries -inf; also, for the backward, the visible mask (or
+    None) and score_mod's VJP (or None).
 
-    `qs` is the scaled query block `[K, G·bq, H]`, `kb` the key block `[K, bk, H]`.
+    `qs` is the scaled query block `[K, G·bq, H]`, `kb` the key block `[K, bk, H]`. The tile is
+    `[K, G·bq, bk]` (rows: queries down, as the forward's softmax wants) or, with `cols`,
+    `[K, bk, G·bq]` (keys down: every backward matmul is then a plain or NT product, which are
+    about twice as fast on CPU as products that contract a tile's leading axis).
     """
     K, G, bq, bk = plan.K, plan.G, plan.bq, plan.bk
-    s = jnp.einsum("kmh,ksh->kms", qs, kb, preferred_element_type=jnp.float32)
-    q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    if cols:
+        s = jnp.einsum("ksh,kmh->ksm", kb, qs, preferred_element_type=jnp.float32)
+        tile = (K, bk, G, bq)
+        q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+        kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        orient = lambda block: block.transpose(0, 3, 1, 2)  # [K|1, G|1, bq|1, bk|1] -> tile
+        spread = lambda visible: visible[:, None, :]  # [bk, bq] -> [bk, 1, bq]
+    else:
+        s = jnp.einsum("kmh,ksh->kms", qs, kb, preferred_element_type=jnp.float32)
+        tile = (K, G, bq, bk)
+        q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+        kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        orient = spread = lambda x: x
+    flat = s.shape
     if bias is not None:
         block = _broadcast_block(bias, plan, at.b, at.q_start, at.kv_start)
-        s = s.reshape(K, G, bq, bk) + block.astype(jnp.float32)
+        s = s.reshape(tile) + orient(block).astype(jnp.float32)
     mod_vjp = None
     if plan.score_mod is not None:
-        fn = lambda s, *consts: plan.score_mod(s, q_idx, kv_idx, *consts)
-        s, mod_vjp = jax.vjp(fn, s.reshape(K, G, bq, bk), *mods.score)
+        fn, consts = plan.score_mod[cols], (mods.score_cols if cols else mods.score_rows)
+        s, mod_vjp = jax.vjp(lambda s, *c: fn(s, q_idx, kv_idx, *c), s.reshape(tile), *consts)
         s = s.astype(jnp.float32)
     visible = None
     if masked:
-        visible = plan.visibility.visible(q_idx, kv_idx, at.limits)  # [bq, bk]
+        visible = plan.visibility.visible(q_idx, kv_idx, at.limits)
         if plan.mask_mod is not None:
-            visible = visible & plan.mask_mod(q_idx, kv_idx, *mods.mask)
+            consts = mods.mask_cols if cols else mods.mask_rows
+            visible = visible & plan.mask_mod[cols](q_idx, kv_idx, *consts)
+        visible = spread(visible)
         if mask is not None:
-            visible = visible & _broadcast_block(mask, plan, at.b, at.q_start, at.kv_start)
-        s = jnp.where(visible, s.reshape(K, G, bq, bk), -jnp.inf)
-    return s.reshape(K, G * bq, bk), visible, mod_vjp
+            visible = visible & orient(_broadcast_block(mask, plan, at.b, at.q_start, at.kv_start))
+        s = jnp.where(visible, s.reshape(tile), -jnp.inf)
+    return s.reshape(flat), visible, mod_vjp
 
 
 def _masked_or_not(plan: _Plan, step: Callable, at: _Block, carry: Any, skip: Array | None = None):
@@ -409,7 +446,11 @@ def _forward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods: _Mods):
 
 
 def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse):
-    """Gradients by recomputation: `ds = p ⊙ (dp - rowsum(dO ⊙ O) + dlse)`, block by block."""
+    """Gradients by recomputation, block by block, on key-major tiles (`ᵀ`: `[K, bk, G·bq]`):
+
+        pᵀ = exp(sᵀ - lse)   dV += pᵀ dO   dpᵀ = V dOᵀ   dsᵀ = pᵀ ⊙ (dpᵀ - rowsum(dO ⊙ O) + dlse)
+        dK += dsᵀ q·scale    dQᵀ += scale · Kᵀ dsᵀ
+    """
     K, G, bq, bk, nq = plan.K, plan.G, plan.bq, plan.bk, plan.nq
     # Row terms [B, K, G, T]: delta = rowsum(dO ⊙ O) - dlse, and the logsumexp with empty
     # rows at +inf so that exp(s - lse) is 0 there rather than NaN.
@@ -430,14 +471,16 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
         lim = _example_limits(limits, b)
         kv_start = j * bk
         kb = _heads_major(_rows(k, b, kv_start, bk), K)  # [K, bk, H]
+        k_t = kb.transpose(0, 2, 1)  # [K, H, bk]
         vb = _heads_major(_rows(v, b, kv_start, bk), K)  # [K, bk, Hv]
         needed = (hi[b] > lo[b]) & (lo[b] < kv_start + bk) & (hi[b] > kv_start)  # [nq]
         any_needed = needed.any()
         i_lo = jnp.where(any_needed, jnp.argmax(needed), 0)
         i_hi = jnp.where(any_needed, nq - jnp.argmax(needed[::-1]), 0)
 
-        def rows(x, q_start):  # [B, K, G, T] -> [K, G·bq]
-            return lax.dynamic_slice(x, (b, 0, 0, q_start), (1, K, G, bq)).reshape(K, G * bq)
+        def rows(x, q_start):  # [B, K, G, T] -> [K, 1, G·bq]
+            x = lax.dynamic_slice(x, (b, 0, 0, q_start), (1, K, G, bq))
+            return x.reshape(K, 1, G * bq)
 
         def body(i, carry):
             at = _Block(b, i * bq, kv_start, lim)
@@ -446,22 +489,25 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
                 dk, dv, dq, dbias, dconsts = carry
                 qs = _heads_major(_rows(q, b, at.q_start, bq), K) * scale  # [K, M, H]
                 do = _heads_major(_rows(d_out, b, at.q_start, bq), K)  # [K, M, Hv]
-                s, visible, mod_vjp = _logits(plan, qs, kb, bias, mods, mask, at, masked)
-                p = jnp.exp(s - rows(lse, at.q_start)[..., None])  # [K, M, bk]
-                dv = dv + jnp.einsum("kms,kmv->ksv", p, do, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("kmv,ksv->kms", do, vb, preferred_element_type=jnp.float32)
-                ds = p * (dp - rows(delta, at.q_start)[..., None])
+                s_t, visible, mod_vjp = _logits(
+                    plan, qs, kb, bias, mods, mask, at, masked, cols=True
+                )  # [K, bk, M]
+                p_t = jnp.exp(s_t - rows(lse, at.q_start))
+                dv = dv + jnp.einsum("ksm,kmv->ksv", p_t, do, preferred_element_type=jnp.float32)
+                dp_t = jnp.einsum("ksv,kmv->ksm", vb, do, preferred_element_type=jnp.float32)
+                ds_t = p_t * (dp_t - rows(delta, at.q_start))
                 if mod_vjp is not None:
-                    ds, *d_block_consts = mod_vjp(ds.reshape(K, G, bq, bk))
+                    ds_t, *d_block_consts = mod_vjp(ds_t.reshape(K, bk, G, bq))
                     dconsts = tuple(a + c for a, c in zip(dconsts, d_block_consts, strict=True))
                     if visible is not None:  # hidden entries may hold anything, even NaN
-                        ds = jnp.where(visible, ds, 0.0)
-                    ds = ds.reshape(K, G * bq, bk)
-                dk = dk + jnp.einsum("kms,kmh->ksh", ds, qs, preferred_element_type=jnp.float32)
-                dq_blk = jnp.einsum("kms,ksh->kmh", ds, kb, preferred_element_type=jnp.float32)
-                dq = _add_rows(dq, _rows_major(dq_blk * scale, bq), b, at.q_start)
+                        ds_t = jnp.where(visible, ds_t, 0.0)
+                    ds_t = ds_t.reshape(K, bk, G * bq)
+                dk = dk + jnp.einsum("ksm,kmh->ksh", ds_t, qs, preferred_element_type=jnp.float32)
+                dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_t, preferred_element_type=jnp.float32)
+                dq_block = (dq_t * scale).reshape(K, plan.H, G, bq).transpose(3, 0, 2, 1)
+                dq = _add_rows(dq, dq_block.reshape(bq, plan.N, plan.H), b, at.q_start)
                 if dbias is not None:
-                    dbias = _add_bias_block(plan, dbias, ds, at)
+                    dbias = _add_bias_block(plan, dbias, ds_t, at)
                 return dk, dv, dq, dbias, dconsts
 
             return _masked_or_not(plan, step, at, carry, skip=~needed[i])
@@ -481,21 +527,22 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
 
     dq = jnp.zeros((plan.B, plan.T, plan.N, plan.H), jnp.float32)
     dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    dconsts = tuple(jnp.zeros(c.shape, jnp.float32) for c in mods.score)
+    dconsts = tuple(jnp.zeros(c.shape, jnp.float32) for c in mods.score_cols)
     (dq, dbias, dconsts), (dk, dv) = lax.scan(
         key_block, (dq, dbias, dconsts), jnp.arange(plan.B * plan.nk)
     )
     dk = dk.reshape(plan.B, plan.S, K, plan.H)
     dv = dv.reshape(plan.B, plan.S, K, plan.Hv)
     dbias = None if dbias is None else dbias.astype(bias.dtype)
-    dconsts = tuple(d.astype(c.dtype) for d, c in zip(dconsts, mods.score, strict=True))
+    dconsts = tuple(d.astype(c.dtype) for d, c in zip(dconsts, mods.score_cols, strict=True))
     return dq.astype(q.dtype), dk, dv, dbias, dconsts
 
 
-def _add_bias_block(plan: _Plan, dbias: Array, ds: Array, at: _Block) -> Array:
-    """Add a block's `ds [K, G·bq, bk]` into the `[B|1, N|1, T|1, S|1]` bias gradient, summed
-    over the axes along which the bias broadcasts."""
+def _add_bias_block(plan: _Plan, dbias: Array, ds_t: Array, at: _Block) -> Array:
+    """Add a block's `dsᵀ [K, bk, G·bq]` into the `[B|1, N|1, T|1, S|1]` bias gradient,
+    summed over the axes along which the bias broadcasts."""
     nb, nn, nt, ns = dbias.shape
+    ds = ds_t.reshape(plan.K, plan.bk, plan.G, plan.bq).transpose(0, 2, 3, 1)
     ds = ds.reshape(plan.N, plan.bq, plan.bk)
     axes = tuple(a for a, size in enumerate((nn, nt, ns)) if size == 1)
     ds = ds.sum(axis=axes, keepdims=True) if axes else ds
