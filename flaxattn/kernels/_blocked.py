@@ -376,7 +376,11 @@ def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bo
 
 
 def _masked_or_not(plan: _Plan, step: Callable, at: _Block, carry: Any, skip: Array | None = None):
-    """Run `step(carry, masked)` with the mask only where the block needs it; skip if `skip`."""
+    """Run `step(carry, masked)` with the mask only where the block needs it.
+
+    With `skip`, `step` returns `(carry, block_results)`, and a skipped block leaves the carry
+    unchanged and gives zero results.
+    """
     if plan.masking != "edges":
         branches = [functools.partial(step, masked=plan.masking == "always")]
         which = jnp.int32(0)
@@ -385,7 +389,9 @@ def _masked_or_not(plan: _Plan, step: Callable, at: _Block, carry: Any, skip: Ar
         full = _block_is_full(plan, at.limits, at.q_start, at.kv_start)
         which = jnp.where(full, 0, 1)
     if skip is not None:
-        branches.append(lambda carry: carry)
+        zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+        results = jax.eval_shape(branches[0], carry)[1]
+        branches.append(lambda carry: (carry, jax.tree.map(zeros, results)))
         which = jnp.where(skip, len(branches) - 1, which)
     if len(branches) == 1:
         return branches[0](carry)
@@ -486,7 +492,7 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
             at = _Block(b, i * bq, kv_start, lim)
 
             def step(carry, masked):
-                dk, dv, dq, dbias, dconsts = carry
+                dk, dv, dconsts = carry
                 qs = _heads_major(_rows(q, b, at.q_start, bq), K) * scale  # [K, M, H]
                 do = _heads_major(_rows(d_out, b, at.q_start, bq), K)  # [K, M, Hv]
                 s_t, visible, mod_vjp = _logits(
@@ -505,12 +511,19 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
                 dk = dk + jnp.einsum("ksm,kmh->ksh", ds_t, qs, preferred_element_type=jnp.float32)
                 dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_t, preferred_element_type=jnp.float32)
                 dq_block = (dq_t * scale).reshape(K, plan.H, G, bq).transpose(3, 0, 2, 1)
-                dq = _add_rows(dq, dq_block.reshape(bq, plan.N, plan.H), b, at.q_start)
-                if dbias is not None:
-                    dbias = _add_bias_block(plan, dbias, ds_t, at)
-                return dk, dv, dq, dbias, dconsts
+                dbias_block = None if bias is None else _bias_block_grad(plan, ds_t, bias.shape)
+                return (dk, dv, dconsts), (dq_block.reshape(bq, plan.N, plan.H), dbias_block)
 
-            return _masked_or_not(plan, step, at, carry, skip=~needed[i])
+            # dQ and dbias are whole-length arrays: they are updated here, outside the switch,
+            # because a buffer passed through a conditional is copied at every step.
+            dk, dv, dq, dbias, dconsts = carry
+            (dk, dv, dconsts), (dq_block, dbias_block) = _masked_or_not(
+                plan, step, at, (dk, dv, dconsts), skip=~needed[i]
+            )
+            dq = _add_rows(dq, dq_block, b, at.q_start)
+            if dbias is not None:
+                dbias = _add_bias_block(dbias, dbias_block, at)
+            return dk, dv, dq, dbias, dconsts
 
         dq, dbias, dconsts = carry
         init = (
@@ -538,14 +551,19 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
     return dq.astype(q.dtype), dk, dv, dbias, dconsts
 
 
-def _add_bias_block(plan: _Plan, dbias: Array, ds_t: Array, at: _Block) -> Array:
-    """Add a block's `dsᵀ [K, bk, G·bq]` into the `[B|1, N|1, T|1, S|1]` bias gradient,
-    summed over the axes along which the bias broadcasts."""
-    nb, nn, nt, ns = dbias.shape
+def _bias_block_grad(plan: _Plan, ds_t: Array, bias_shape: tuple[int, ...]) -> Array:
+    """A block's `dsᵀ [K, bk, G·bq]` as its `[N|1, bq|1, bk|1]` share of the gradient of a
+    `[B|1, N|1, T|1, S|1]` bias: summed over the axes along which the bias broadcasts."""
+    _, nn, nt, ns = bias_shape
     ds = ds_t.reshape(plan.K, plan.bk, plan.G, plan.bq).transpose(0, 2, 3, 1)
     ds = ds.reshape(plan.N, plan.bq, plan.bk)
     axes = tuple(a for a, size in enumerate((nn, nt, ns)) if size == 1)
-    ds = ds.sum(axis=axes, keepdims=True) if axes else ds
+    return ds.sum(axis=axes, keepdims=True) if axes else ds
+
+
+def _add_bias_block(dbias: Array, block: Array, at: _Block) -> Array:
+    """`dbias[b, :, q_start:, kv_start:] += block` (offsets only along the axes dbias has)."""
+    nb, _, nt, ns = dbias.shape
     starts = (at.b if nb > 1 else 0, 0, at.q_start if nt > 1 else 0, at.kv_start if ns > 1 else 0)
-    current = lax.dynamic_slice(dbias, starts, (1,) + ds.shape)
-    return lax.dynamic_update_slice(dbias, current + ds[None], starts)
+    current = lax.dynamic_slice(dbias, starts, (1,) + block.shape)
+    return lax.dynamic_update_slice(dbias, current + block[None], starts)
