@@ -232,6 +232,25 @@ def test_default_block_sizes_single_block_and_padding():
     assert default_block_sizes(64, 1) == (64, 1)
 
 
+def test_long_unmasked_forward_blocks_and_separate_backward_blocks(monkeypatch):
+    # The default blocks of a long unmasked call are tall (forward) and the backward re-blocks
+    # to its own defaults: shrink the tuned sizes so this path runs at a small T, with a bias
+    # so dbias is accumulated on the backward's blocks.
+    from flaxattn.kernels import _blocked
+
+    monkeypatch.setattr(_blocked, "LONG_UNMASKED_FROM", 64)
+    monkeypatch.setattr(_blocked, "LONG_UNMASKED_BLOCKS", (64, 16))
+    monkeypatch.setattr(_blocked, "DEFAULT_BLOCK_Q", 32)
+    monkeypatch.setattr(_blocked, "DEFAULT_BLOCK_K", 32)
+    assert _blocked.default_block_sizes(128, 96, masked=False) == (64, 16)
+    assert _blocked.default_block_sizes(128, 96, masked=True) == (32, 32)
+    assert _blocked._backward_blocks(128, 96, 64, 16) == (32, 32)
+    assert _blocked._backward_blocks(128, 80, 64, 16) == (32, 16)  # 32 does not divide 80
+    q, k, v = _inputs(B=1, T=128, S=96, N=2, K=1)
+    bias = jnp.asarray(0.1 * np.random.default_rng(3).standard_normal((1, 2, 128, 96)), jnp.float32)
+    _compare(q, k, v, bias, block_sizes=None)
+
+
 def test_document_mask_mod_closing_over_traced_ids():
     # mask_mod closes over arrays that are jit arguments: works, and grads flow to q, k, v.
     q, k, v = _inputs(B=1, T=24, S=24)

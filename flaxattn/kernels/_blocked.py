@@ -51,8 +51,14 @@ from flaxattn.kernels._single_head import MaskMod, ScoreMod
 from flaxattn.kernels._visibility import Limits, Visibility
 
 # Default blocks, tuned on the 2-core AVX-512 CPU at N=8, H=64 (benchmarks/blocked_cpu.py).
+# XLA:CPU's dots (YNNPACK) are more efficient the more work each call has, so blocks are large;
+# a long unmasked forward does best with tall query blocks (1024 x 128: ~8% faster at T=4096),
+# while causal/window masks want 512-row blocks, which waste less on the diagonal, and the
+# backward is fastest at 512 x 256 whatever the forward used.
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 256
+LONG_UNMASKED_BLOCKS = (1024, 128)  # forward only, T >= LONG_UNMASKED_FROM, no structured mask
+LONG_UNMASKED_FROM = 2048
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -68,10 +74,22 @@ def _even_block(length: int, target: int) -> int:
     return _round_up(-(-length // blocks), 8)
 
 
-def default_block_sizes(T: int, S: int) -> tuple[int, int]:
+def default_block_sizes(T: int, S: int, *, masked: bool = True) -> tuple[int, int]:
     """`(block_q, block_k)` for lengths `T, S`: the tuned defaults, evened out over the length
-    (no padding when the lengths are multiples of the defaults)."""
-    return _even_block(T, DEFAULT_BLOCK_Q), _even_block(S, DEFAULT_BLOCK_K)
+    (no padding when the lengths are multiples of the defaults). `masked=False` (no causal,
+    window or length mask) picks the long-unmasked blocks from `LONG_UNMASKED_FROM` on."""
+    bq, bk = DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K
+    if not masked and min(T, S) >= LONG_UNMASKED_FROM:
+        bq, bk = LONG_UNMASKED_BLOCKS
+    return _even_block(T, bq), _even_block(S, bk)
+
+
+def _backward_blocks(T: int, S: int, bq: int, bk: int) -> tuple[int, int]:
+    """The backward's blocks for padded lengths `T, S` (multiples of the forward's `bq, bk`):
+    the default 512 x 256 where they divide the lengths, else the forward's."""
+    bq = DEFAULT_BLOCK_Q if T % DEFAULT_BLOCK_Q == 0 else bq
+    bk = DEFAULT_BLOCK_K if S % DEFAULT_BLOCK_K == 0 else bk
+    return bq, bk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +105,7 @@ class _Plan:
     Hv: int
     bq: int
     bk: int
+    backward_blocks: tuple[int, int]  # the backward's (bq, bk): they divide T and S too
     visibility: Visibility  # is_causal / window / alignment only; lengths travel as Limits
     masking: str  # "never", "edges" (blocks the structured masks cut) or "always"
     # score_mod / mask_mod closure-converted for the forward's tile orientation (rows: scores
@@ -171,7 +190,7 @@ def blocked_attention(
     S, K, Hv = key.shape[1], key.shape[2], value.shape[3]
     G = N // K
     if block_sizes is None:
-        bq, bk = default_block_sizes(T, S)
+        bq, bk = default_block_sizes(T, S, masked=not visibility.is_trivial)
     else:
         bq, bk = min(int(block_sizes[0]), T), min(int(block_sizes[1]), S)
     Tp, Sp = _round_up(T, bq), _round_up(S, bk)
@@ -209,8 +228,12 @@ def blocked_attention(
         converted_mask_mod = (fn_rows, fn_cols)
         mods = mods._replace(mask_rows=tuple(consts_rows), mask_cols=tuple(consts_cols))
 
+    # The mods were converted for (bq, bk) tiles, so with mods the backward keeps those blocks.
+    backward_blocks = (bq, bk)
+    if block_sizes is None and score_mod is None and mask_mod is None:
+        backward_blocks = _backward_blocks(Tp, Sp, bq, bk)
     plan = _Plan(
-        B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk,
+        B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk, backward_blocks=backward_blocks,
         visibility=dataclasses.replace(visibility, q_lengths=None, kv_lengths=None),
         masking=masking, score_mod=converted_score_mod, mask_mod=converted_mask_mod,
     )
@@ -240,8 +263,10 @@ def _attention_fwd(plan, q, k, v, bias, mask, limits, scale, mods):
 def _attention_bwd(plan, residuals, cotangents):
     q, k, v, bias, mask, limits, scale, mods, out, lse = residuals
     d_out, d_lse = cotangents
+    bq, bk = plan.backward_blocks
     dq, dk, dv, dbias, d_score_consts = _backward(
-        plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse
+        dataclasses.replace(plan, bq=bq, bk=bk),
+        q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse,
     )
     # Only the backward's (cols) copies of the score_mod arrays get their gradient; the same
     # arrays passed as the rows copies get none, so JAX's sum of the two is the gradient.
