@@ -5,14 +5,27 @@
 * `Sweep` and `PRESETS` (`tiny`, `cpu`, `gpu`, `tpu`): lengths, head dims, heads, GQA ratios,
   dtypes, causal or not, forward and forward+backward.
 * `IMPLEMENTATIONS` and `register`: the registry of what can be compared (flaxattn's reference,
-  blocked and Pallas kernels, jax.nn with XLA and cuDNN, flax.linen and flax.nnx).
-* `run_sweep`: one JSON record per point, implementation and pass (fields `RECORD_FIELDS`),
+  blocked and Pallas kernels, jax.nn with XLA and cuDNN, flax.linen and flax.nnx, and the
+  efficient variants `linear`, `favor`, `local` and `block_sparse`). `local_implementation`,
+  `block_sparse_implementation` and `favor_implementation` build other settings of the last
+  three; a `Pattern` tells the runner what an exact-on-a-pattern variant is compared with.
+* `run_sweep`: one JSON record per point, implementation and pass (fields `RECORD_FIELDS`;
+  approximations put their distance from exact softmax in `approx_error`),
   with statuses `ok`, `oom`, `unsupported`, `skipped` (memory or time budget) and
   `error: ...`.
 * `format_table` and `plot_records`: the terminal / markdown table and the PNG plots.
 """
 
-from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Where, register
+from flaxattn.bench._implementations import (
+    IMPLEMENTATIONS,
+    Implementation,
+    Pattern,
+    Where,
+    block_sparse_implementation,
+    favor_implementation,
+    local_implementation,
+    register,
+)
 from flaxattn.bench._report import format_table, plot_records
 from flaxattn.bench._runner import (
     RECORD_FIELDS,
@@ -29,13 +42,17 @@ __all__ = [
     "PRESETS",
     "RECORD_FIELDS",
     "Implementation",
+    "Pattern",
     "Point",
     "Sweep",
     "Where",
+    "block_sparse_implementation",
     "check_sweep",
     "device_name",
+    "favor_implementation",
     "format_table",
     "load_records",
+    "local_implementation",
     "missing_fields",
     "plot_records",
     "points",

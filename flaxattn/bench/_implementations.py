@@ -4,15 +4,23 @@ Every entry is a function `(q [B, T, N, H], k [B, S, K, H], v [B, S, K, H], *, c
 out [B, T, N, H]` plus when it can run. Adding one (an efficient variant, say) is one call:
 
     register(Implementation("linear", lambda q, k, v, *, causal: ..., "linear attention"))
+
+What the error is measured against depends on the implementation: exact ones against float64
+softmax attention; exact-on-a-pattern ones (`pattern`: local windows, block-sparse layouts)
+against float64 softmax attention masked by that pattern; approximate ones (`approximate`:
+linear, FAVOR+) have no exact reference of their own, so their distance from exact softmax is
+recorded separately, as `approx_error`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -38,6 +46,20 @@ class Where:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pattern:
+    """The query-key pairs an exact-on-a-pattern implementation computes.
+
+    Attributes:
+      name: how the records describe it, e.g. `'window (256, 0)'`.
+      visible: `(rows [r], T, S, causal) -> [r, S]` bool: which keys the query rows see,
+        causal masking included (numpy, so that the float64 reference can use it).
+    """
+
+    name: str
+    visible: Callable[[np.ndarray, int, int, bool], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
 class Implementation:
     """One attention implementation as the benchmark sees it.
 
@@ -51,6 +73,10 @@ class Implementation:
         `'unsupported'`).
       interpreted: `Where -> bool`: it runs in Pallas interpret mode there (timings are of the
         interpreter; plots leave it out).
+      pattern: for exact attention restricted to a pattern (a window, a block layout): the
+        pattern, so that the reference is masked the same way and FLOPs count visible pairs.
+      approximate: not softmax attention (linear, FAVOR+): `max_abs_error` stays empty and
+        `approx_error` holds the distance from exact softmax; FLOPs are not counted.
     """
 
     name: str
@@ -59,6 +85,8 @@ class Implementation:
     quadratic_memory: bool = False
     unavailable: Callable[[Where], str | None] = lambda where: None
     interpreted: Callable[[Where], bool] = lambda where: False
+    pattern: Pattern | None = None
+    approximate: bool = False
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -120,6 +148,103 @@ def _cudnn_unavailable(where: Where) -> str | None:
     return None
 
 
+def window_pattern(window: int) -> Pattern:
+    """Query `p` sees keys `[p - w, p + w]` (`[p - w, p]` if causal), `w = min(window, S - 1)`:
+    a window wider than the keys is the whole sequence, and `local_attention` refuses it."""
+
+    def visible(rows, T, S, causal):
+        del T
+        w = min(window, S - 1)
+        delta = np.arange(S)[None, :] - np.asarray(rows)[:, None]  # [r, S]: key - query
+        return (delta >= -w) & (delta <= (0 if causal else w))
+
+    return Pattern(f"window min({window}, S - 1) each side", visible)
+
+
+def block_layout_pattern(block_size: int, **bigbird) -> Pattern:
+    """BigBird's block layout (`bigbird_block_layout(**bigbird)`) expanded to positions."""
+    from flaxattn.kernels._block_sparse import bigbird_block_layout
+
+    def visible(rows, T, S, causal):
+        b = block_size
+        layout = bigbird_block_layout(-(-T // b), -(-S // b), is_causal=causal, **bigbird)
+        rows = np.asarray(rows)
+        out = layout[rows // b][:, np.arange(S) // b]  # [r, S]
+        if causal:
+            out &= np.arange(S)[None, :] <= rows[:, None]
+        return out
+
+    args = ", ".join(f"{k}={v}" for k, v in bigbird.items())
+    return Pattern(f"BigBird blocks b={block_size}" + (f" {args}" if args else ""), visible)
+
+
+def local_implementation(window: int, name: str | None = None) -> Implementation:
+    """`flaxattn.local_attention` with `w = min(window, S - 1)` keys on each side (left only if
+    causal): exact on that window."""
+
+    def fn(q, k, v, *, causal):
+        from flaxattn.kernels.efficient import local_attention
+
+        w = min(window, k.shape[1] - 1)
+        return local_attention(q, k, v, is_causal=causal, local_window_size=(w, w))
+
+    return Implementation(
+        name or f"local_w{window}", fn,
+        f"flaxattn.local_attention, window min({window}, S - 1) each side (left only if "
+        "causal): exact on the window, O(T·w)",
+        pattern=window_pattern(window),
+    )
+
+
+def block_sparse_implementation(
+    block_size: int, name: str | None = None, **bigbird
+) -> Implementation:
+    """`flaxattn.block_sparse_attention` with BigBird's layout: exact on the layout."""
+
+    def fn(q, k, v, *, causal):
+        from flaxattn.kernels.efficient import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, is_causal=causal, block_size=block_size, **bigbird)
+
+    return Implementation(
+        name or f"block_sparse_b{block_size}", fn,
+        f"flaxattn.block_sparse_attention, BigBird global+window+random blocks of {block_size}: "
+        "exact on the layout",
+        pattern=block_layout_pattern(block_size, **bigbird),
+    )
+
+
+def _linear(q, k, v, *, causal):
+    from flaxattn.kernels.efficient import linear_attention
+
+    return linear_attention(q, k, v, is_causal=causal)
+
+
+@functools.cache
+def _favor_projection(num_features: int, head_dim: int) -> jax.Array:
+    from flaxattn.kernels.efficient import favor_projection
+
+    with jax.ensure_compile_time_eval():  # a constant, not drawn again inside every call
+        return favor_projection(jax.random.key(0), num_features, head_dim)
+
+
+def favor_implementation(num_features: int, name: str | None = None) -> Implementation:
+    """`flaxattn.favor_attention` with a fixed orthogonal projection of `num_features` rows."""
+
+    def fn(q, k, v, *, causal):
+        from flaxattn.kernels.efficient import favor_attention
+
+        projection = _favor_projection(num_features, q.shape[-1])
+        return favor_attention(q, k, v, is_causal=causal, projection=projection)
+
+    return Implementation(
+        name or f"favor_m{num_features}", fn,
+        f"flaxattn.favor_attention, {num_features} orthogonal random features (seed 0): "
+        "approximates softmax",
+        approximate=True,
+    )
+
+
 for _impl in (
     Implementation(
         "reference", _flaxattn("reference"),
@@ -154,5 +279,13 @@ for _impl in (
         "flax.nnx.dot_product_attention (delegates to jax.nn with implementation=None)",
         quadratic_memory=True,
     ),
+    Implementation(
+        "linear", _linear,
+        "flaxattn.linear_attention, φ = elu + 1 (Katharopoulos et al.): a different model, O(T)",
+        approximate=True,
+    ),
+    favor_implementation(256, name="favor"),
+    local_implementation(256, name="local"),
+    block_sparse_implementation(64, name="block_sparse"),
 ):
     register(_impl)

@@ -24,6 +24,7 @@ _COLUMNS = (
     ("temp MiB", lambda r: _num(r["temp_memory_bytes"], 2**-20, 1)),
     ("max err", lambda r: _sci(r["max_abs_error"])),
     ("grad err", lambda r: _sci(r["max_abs_grad_error"])),
+    ("approx err", lambda r: _sci(r.get("approx_error"))),
     ("status", lambda r: r["status"] if r["status"] != "ok" else "ok"),
 )
 

@@ -3,8 +3,11 @@
 Each record holds the shape, the timing (jit compile separately, warm-up, median of repeats),
 FLOPs and TFLOP/s, the fraction of a same-dtype matmul measured in the same run, compiled
 temporary memory, the device's peak memory where it reports one, and the error against a
-float64 numpy reference. Out-of-memory and unsupported combinations become records with a
-`status` saying so; so does any other failure (`'error: ...'`).
+float64 numpy reference: exact softmax, or softmax on the implementation's pattern (window,
+block layout) for exact-on-a-pattern ones; approximations (linear, FAVOR+) record their
+distance from exact softmax as `approx_error` instead, and no FLOPs. Out-of-memory and
+unsupported combinations become records with a `status` saying so; so does any other
+failure (`'error: ...'`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Where
+from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Pattern, Where
 from flaxattn.bench._reference import reference_forward, reference_gradients
 from flaxattn.bench._sweep import Point, Sweep, check_sweep, points
 from flaxattn.benchmarking import (
@@ -40,7 +43,7 @@ RECORD_FIELDS = (
     "time_median_s", "time_min_s", "time_max_s", "repeats", "compile_seconds",
     "flops", "tflops", "matmul_tflops", "fraction_of_peak",
     "temp_memory_bytes", "peak_device_memory_bytes",
-    "max_abs_error", "max_abs_grad_error", "error_reference",
+    "max_abs_error", "max_abs_grad_error", "approx_error", "approx_grad_error", "error_reference",
     "device", "device_kind", "platform", "jax_version", "jaxlib_version", "flax_version",
     "preset", "command", "timestamp",
 )
@@ -97,54 +100,94 @@ def _peak_device_memory() -> int | None:
 
 
 class _Reference:
-    """The float64 reference of one point, computed once and shared by every implementation."""
+    """The float64 references of one point, each computed once and shared by every
+    implementation: exact softmax, and softmax masked by each pattern that is asked for."""
 
     def __init__(self, point: Point, arrays, error_rows: int):
         self.point, self.arrays = point, arrays
         T = point.seq_len
         self.full = point.batch * point.num_heads * T * T <= FULL_REFERENCE_LOGITS
         self.rows = None if self.full else np.unique(np.linspace(0, T - 1, error_rows).astype(int))
-        self._forward = self._gradients = None
+        self._forward: dict[str | None, np.ndarray] = {}
+        self._gradients: dict[str | None, Any] = {}
 
-    @property
-    def description(self) -> str:
+    def description(self, pattern: Pattern | None = None, approximate: bool = False) -> str:
+        what = "float64 numpy softmax"
+        if pattern is not None:
+            what += f" on {pattern.name}"
+        if approximate:
+            what = f"approximation: approx_error is the distance from {what}"
         if self.full:
-            return "float64 numpy, all rows"
-        return f"float64 numpy, {len(self.rows)} of {self.point.seq_len} query rows, no gradients"
+            return f"{what}, all rows"
+        return f"{what}, {len(self.rows)} of {self.point.seq_len} query rows, no gradients"
 
     def _as_f64(self):
         return [np.asarray(x.astype(jnp.float32), np.float64) for x in self.arrays]
 
-    def forward(self) -> np.ndarray:
-        if self._forward is None:
+    def _visible(self, pattern: Pattern | None):
+        if pattern is None:
+            return None
+        T = self.point.seq_len
+        return lambda rows: pattern.visible(rows, T, T, self.point.causal)
+
+    def forward(self, pattern: Pattern | None = None) -> np.ndarray:
+        name = None if pattern is None else pattern.name
+        if name not in self._forward:
             q, k, v, _ = self._as_f64()
-            self._forward = reference_forward(
+            self._forward[name] = reference_forward(
                 q, k, v, scale=self.point.head_dim**-0.5, causal=self.point.causal,
-                rows=self.rows,
+                rows=self.rows, pattern=self._visible(pattern),
             )
-        return self._forward
+        return self._forward[name]
 
-    def gradients(self):
-        if self._gradients is None and self.full:
-            self._gradients = reference_gradients(
-                *self._as_f64(), scale=self.point.head_dim**-0.5, causal=self.point.causal
+    def gradients(self, pattern: Pattern | None = None):
+        name = None if pattern is None else pattern.name
+        if name not in self._gradients and self.full:
+            self._gradients[name] = reference_gradients(
+                *self._as_f64(), scale=self.point.head_dim**-0.5, causal=self.point.causal,
+                pattern=self._visible(pattern),
             )[1:]
-        return self._gradients
+        return self._gradients.get(name)
 
-    def errors(self, result) -> tuple[float, float | None]:
-        """`(max |out - ref|, max |grad - ref| or None)` for a forward or forward+backward."""
+    def errors(self, result, pattern: Pattern | None = None) -> tuple[float, float | None]:
+        """`(max |out - ref|, max |grad - ref| or None)` for a forward or forward+backward,
+        against softmax attention restricted to `pattern` (all pairs if None)."""
         out, grads = (result, None) if not isinstance(result, tuple) else (result[0], result[1:])
         out = np.asarray(out.astype(jnp.float32), np.float64)
         if self.rows is not None:
             out = out[:, self.rows]
-        out_error = float(np.max(np.abs(out - self.forward())))
-        if grads is None or self.gradients() is None:
+        out_error = float(np.max(np.abs(out - self.forward(pattern))))
+        if grads is None or self.gradients(pattern) is None:
             return out_error, None
         grad_error = max(
             float(np.max(np.abs(np.asarray(g.astype(jnp.float32), np.float64) - r)))
-            for g, r in zip(grads, self.gradients(), strict=True)
+            for g, r in zip(grads, self.gradients(pattern), strict=True)
         )
         return out_error, grad_error
+
+
+def visible_pairs(pattern: Pattern, point: Point, chunk_rows: int = 1024) -> int:
+    """How many (query, key) pairs `pattern` computes at `point` (counted in row chunks)."""
+    T = point.seq_len
+    return sum(
+        int(pattern.visible(np.arange(start, min(start + chunk_rows, T)), T, T, point.causal).sum())
+        for start in range(0, T, chunk_rows)
+    )
+
+
+def _flops(impl: Implementation, point: Point, pass_: str) -> float | None:
+    """Useful FLOPs: dense (halved if causal), the visible pairs of a pattern, none for an
+    approximation (its work is not softmax attention's)."""
+    if impl.approximate:
+        return None
+    if impl.pattern is None:
+        return attention_flops(
+            point.batch, point.num_heads, point.seq_len, point.seq_len, point.head_dim,
+            causal=point.causal, backward=pass_ != "fwd",
+        )
+    pairs = visible_pairs(impl.pattern, point)
+    return 4.0 * point.batch * point.num_heads * pairs * point.head_dim * (
+        3.5 if pass_ != "fwd" else 1.0)
 
 
 def _inputs(point: Point):
@@ -206,7 +249,8 @@ def run_point(
         implementation=impl.name, seq_len=point.seq_len, kv_seq_len=point.seq_len,
         head_dim=point.head_dim, num_heads=point.num_heads, num_kv_heads=point.num_kv_heads,
         batch=point.batch, dtype=point.dtype, causal=point.causal, interpret=False,
-        matmul_tflops=peak_flops / 1e12, error_reference=reference.description,
+        matmul_tflops=peak_flops / 1e12,
+        error_reference=reference.description(impl.pattern, impl.approximate),
     )
     record["pass"] = pass_
     reason = impl.unavailable(where)
@@ -226,13 +270,13 @@ def run_point(
         timing = time_jitted(fn, *args, repeats=sweep.repeats)
         temp = compiled_temp_bytes(fn, *args)
         result = jax.block_until_ready(jax.jit(fn)(*args))
-        out_error, grad_error = reference.errors(result)
+        out_error, grad_error = reference.errors(result, impl.pattern)
     except Exception as err:  # noqa: BLE001 - every failure becomes a record
         return {**record, "status": "oom" if _is_oom(err) else _describe(err)}
-    flops = attention_flops(
-        point.batch, point.num_heads, point.seq_len, point.seq_len, point.head_dim,
-        causal=point.causal, backward=pass_ != "fwd",
-    )
+    flops = _flops(impl, point, pass_)
+    errors = {"max_abs_error": out_error, "max_abs_grad_error": grad_error}
+    if impl.approximate:  # no exact reference of its own: the distance is the approximation's
+        errors = {"approx_error": out_error, "approx_grad_error": grad_error}
     history[(impl.name, pass_, _setting(point))] = (point.seq_len, timing.median)
     return {
         **record,
@@ -243,12 +287,11 @@ def run_point(
         "repeats": timing.repeats,
         "compile_seconds": timing.compile_seconds,
         "flops": flops,
-        "tflops": flops / timing.median / 1e12,
-        "fraction_of_peak": flops / timing.median / peak_flops,
+        "tflops": None if flops is None else flops / timing.median / 1e12,
+        "fraction_of_peak": None if flops is None else flops / timing.median / peak_flops,
         "temp_memory_bytes": temp,
         "peak_device_memory_bytes": _peak_device_memory(),
-        "max_abs_error": out_error,
-        "max_abs_grad_error": grad_error,
+        **errors,
     }
 
 

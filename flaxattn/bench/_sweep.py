@@ -42,6 +42,7 @@ class Sweep:
     passes: tuple[str, ...] = PASSES
     implementations: tuple[str, ...] = (
         "reference", "blocked", "pallas", "xla", "cudnn", "flax_linen", "flax_nnx",
+        "linear", "favor", "local", "block_sparse",
     )
     batch: int = 1
     repeats: int = 5
