@@ -10,7 +10,9 @@ A training loop needs four things, all here:
 and then the same `jax.jit`-ed step as on one device: XLA inserts the gradient all-reduce over
 'data' and 'seq', and attention is the only place where tokens of different shards meet (all
 other layers are position-wise). With `seq=1` the attention function is plain
-`dot_product_attention`, so nothing changes for data parallelism alone.
+`dot_product_attention`, so nothing changes for data parallelism alone. A model that also
+decodes or exports (shapes the ring cannot take) uses `sequence_parallel_attention(mesh,
+fallback=True)`: ring where it can, `dot_product_attention` elsewhere, each call counted.
 
 Multi-host: call `jax.distributed.initialize()` first on every process. `make_mesh` then spans
 all processes' devices, and `shard_batch` assembles the global batch from each process's
@@ -19,6 +21,7 @@ local slice (`jax.make_array_from_process_local_data`), so the loop is the same 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,18 +126,113 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def sequence_parallel_attention(mesh: Mesh, *, layout: str = "zigzag") -> Callable[..., Any]:
+def sequence_parallel_attention(
+    mesh: Mesh, *, layout: str = "zigzag", fallback: bool = False
+) -> Callable[..., Any]:
     """An `attention_fn` for the modules: ring attention over 'seq', batch on 'data'.
 
     With a 'seq' axis of size 1 it is `dot_product_attention` itself (nothing to ring).
 
     Args:
-      mesh: from `make_mesh`.
+      mesh: from `make_mesh` (or any mesh with a 'seq' and a 'data' axis).
       layout: ring layout (`'zigzag'` balances causal work; see `ring_attention`).
+      fallback: False: every call is ring attention, and a call the ring cannot take
+        raises `make_ring_attention_fn`'s ValueError. True: a `RingOrDense`, which rings
+        the calls the ring can take and runs the others with `dot_product_attention`,
+        counting each kind in its `counts` (for a model that also decodes, exports or
+        evaluates at other shapes).
 
     Returns:
       A function with `dot_product_attention`'s signature.
     """
+    if SEQ_AXIS not in mesh.shape:
+        raise ValueError(
+            f"sequence_parallel_attention needs a mesh with a {SEQ_AXIS!r} axis, got axes "
+            f"{dict(mesh.shape)}."
+        )
     if mesh.shape[SEQ_AXIS] == 1:
         return dot_product_attention
+    if fallback:
+        return RingOrDense(mesh, layout=layout)
     return make_ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS)
+
+
+RING = "ring"  # the key of ring calls in `RingOrDense.counts`
+
+
+class RingOrDense:
+    """An `attention_fn` that runs ring attention where it can, else `dot_product_attention`.
+
+    The policy, decided per call from static shapes and options (so at trace time, and the
+    same for every execution of a compiled program): ring attention over 'seq' (batch on
+    'data') unless one of these holds, in which case the call runs `dot_product_attention`
+    with all its arguments, on whatever sharding its inputs have:
+
+    - `implementation`, `score_mod`, `dropout_rate > 0` or `return_weights` is given: only
+      the single-device kernels have them;
+    - the batch `B` is not a multiple of the 'data' axis size;
+    - the query length `T` or the key length `S` is not a multiple of what the layout needs
+      (`P` for contiguous, `2P` for zigzag, `P²` for striped; `P` the 'seq' size), as in
+      KV-cache decoding (`T = 1`) or a cross-attention to a short source;
+    - a `local_window_size` side reaches `S` (the ring asks for a smaller window).
+
+    Both paths compute the same function (tested in tests/test_ring.py), so the choice only
+    changes speed and memory, never results. Nothing is silent: `counts` holds, per traced
+    call, `'ring'` or `'dense: <reason>'`, and the training loop writes them to the run's
+    metrics. Shapes the ring cannot take at all still reach `dot_product_attention`'s own
+    checks, and `make_ring_attention_fn` stays strict for direct users.
+
+    Args:
+      mesh: a mesh with 'seq' (size > 1) and 'data' axes.
+      layout: ring layout, see `ring_attention`.
+
+    Attributes:
+      counts: `collections.Counter` of traced calls by path (`'ring'`, `'dense: ...'`).
+    """
+
+    def __init__(self, mesh: Mesh, *, layout: str = "zigzag"):
+        self.mesh = mesh
+        self.layout = layout
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._ring = make_ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS)
+
+    def __repr__(self) -> str:
+        return f"RingOrDense(mesh={dict(self.mesh.shape)}, layout={self.layout!r})"
+
+    def dense_reason(self, query: Any, key: Any, **kwargs: Any) -> str | None:
+        """Why a call with these arguments cannot ring (None: it can).
+
+        Args:
+          query: `[B, T, N, H]` or `[T, N, H]`.
+          key: `[B, S, K, H]` or `[S, K, H]`.
+          **kwargs: `dot_product_attention`'s keyword arguments.
+        """
+        for name in ("implementation", "score_mod"):
+            if kwargs.get(name) is not None:
+                return f"{name} given"
+        if kwargs.get("dropout_rate", 0.0) > 0.0:
+            return "attention dropout"
+        if kwargs.get("return_weights", False):
+            return "return_weights"
+        B = query.shape[0] if query.ndim == 4 else 1
+        T, S = query.shape[-3], key.shape[-3]
+        data = self.mesh.shape.get(DATA_AXIS, 1)
+        if B % data:
+            return f"batch {B} not a multiple of {DATA_AXIS}={data}"
+        P_ = self.mesh.shape[SEQ_AXIS]
+        parts = {"zigzag": 2 * P_, "striped": P_ * P_}.get(self.layout, P_)
+        for name, length in (("T", T), ("S", S)):
+            if length % parts:
+                return f"{name}={length} not a multiple of {parts} ({self.layout}, seq={P_})"
+        window = kwargs.get("local_window_size")
+        if window is not None and max(np.atleast_1d(window)) >= S:
+            return f"local_window_size {window} reaches S={S}"
+        return None
+
+    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
+        """`dot_product_attention(query, key, value, bias, mask, **kwargs)`, by ring if it can."""
+        reason = self.dense_reason(query, key, **kwargs)
+        self.counts[RING if reason is None else f"dense: {reason}"] += 1
+        if reason is None:
+            return self._ring(query, key, value, bias, mask, **kwargs)
+        return dot_product_attention(query, key, value, bias, mask, **kwargs)

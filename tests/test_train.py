@@ -170,7 +170,7 @@ _SHARDED = textwrap.dedent(
     import os, sys, dataclasses, json
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np, orbax.checkpoint as ocp
-    from flaxattn.train import default_config, train_and_evaluate
+    from flaxattn.train import default_config, lower_train_step, train_and_evaluate
     assert jax.local_device_count() == 8, jax.devices()
     out, text = sys.argv[1], sys.argv[2]
     base = dataclasses.replace(
@@ -186,6 +186,11 @@ _SHARDED = textwrap.dedent(
         params[name] = state["params"]
         records = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
         losses[name] = [r["loss"] for r in records if r["split"] == "train"]
+        attention = [r["attention_train_step"] for r in records if "attention_train_step" in r]
+        # collective_permute: ring attention's ppermute of K/V blocks in the step's program
+        permutes = lower_train_step(dataclasses.replace(base, **change)).as_text().count(
+            "collective_permute")
+        print(name, "ATTENTION", json.dumps(attention).replace(" ", ""), "PERMUTES", permutes)
     for name in ("data4", "data2xseq4"):
         diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                             params["one"], params[name])
@@ -200,13 +205,24 @@ _SHARDED = textwrap.dedent(
 
 
 def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(tmp_path):
-    """4 'data' devices, and a 2 x 4 'data' x 'seq' mesh, train as one device does."""
+    """4 'data' devices, and a 2 x 4 'data' x 'seq' mesh, train as one device does; with the
+    'seq' axis the training step runs ring attention (collective permutes of K/V)."""
     text = tmp_path / "corpus.txt"
     text.write_text("a small corpus for a sharded run. " * 20, encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), str(text)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    attention = {
+        line.split()[0]: (json.loads(line.split()[2]), int(line.split()[4]))
+        for line in proc.stdout.splitlines()
+        if "ATTENTION" in line
+    }
+    # A 'seq' axis runs the self-attention as a ring (one layer: one call, traced once);
+    # without one there is no RingOrDense to record and no collective permute.
+    assert attention["data2xseq4"][0] == [{"ring": 1}], proc.stdout
+    assert attention["data2xseq4"][1] > 0, proc.stdout
+    assert attention["one"] == ([], 0) and attention["data4"] == ([], 0), proc.stdout
     lines = [line.split() for line in proc.stdout.splitlines() if "PARAMS" in line]
     assert [line[0] for line in lines] == ["data4", "data2xseq4"]
     for _, _, params_diff, _, key_bias_diff, _, loss_diff in lines:
@@ -216,6 +232,39 @@ def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(tmp_path):
         # shift): Adam turns its rounding noise into steps of a fraction of the learning
         # rate (3e-3 here), which differ with the reduction order.
         assert float(key_bias_diff) < 1e-3, proc.stdout
+
+
+def test_ring_or_dense_rings_what_it_can_and_names_why_not():
+    """The policy of the training attention on a data=2 x seq=4 mesh, from shapes alone."""
+    from jax.sharding import AbstractMesh
+
+    from flaxattn import dot_product_attention
+    from flaxattn.sharding import RingOrDense, sequence_parallel_attention
+
+    mesh = AbstractMesh((2, 4), ("data", "seq"))
+    attention = sequence_parallel_attention(mesh, fallback=True)
+    assert isinstance(attention, RingOrDense)
+    q = np.zeros((2, 16, 2, 4), np.float32)  # [B, T, N, H]
+    cases = {  # (query, key, keywords) -> reason (None: ring)
+        "T=S=16": ((q, q, {}), None),
+        "cross, T=16, S=8": ((q, q[:, :8], {}), None),
+        "decode, T=1": ((q[:, :1], q, {}), "T=1 not a multiple of 8 (zigzag, seq=4)"),
+        "S=12": ((q, q[:, :12], {}), "S=12 not a multiple of 8 (zigzag, seq=4)"),
+        "B=1": ((q[:1], q[:1], {}), "batch 1 not a multiple of data=2"),
+        "named kernel": ((q, q, {"implementation": "blocked"}), "implementation given"),
+        "dropout": ((q, q, {"dropout_rate": 0.1}), "attention dropout"),
+        "weights": ((q, q, {"return_weights": True}), "return_weights"),
+        "window": ((q, q, {"local_window_size": 16}), "local_window_size 16 reaches S=16"),
+    }  # fmt: skip
+    for name, ((query, key, kwargs), reason) in cases.items():
+        assert attention.dense_reason(query, key, **kwargs) == reason, name
+    contiguous = RingOrDense(mesh, layout="contiguous")  # P, not 2P, divides the lengths
+    assert contiguous.dense_reason(q[:, :12], q[:, :4]) is None
+    assert sequence_parallel_attention(AbstractMesh((2, 1), ("data", "seq"))) is (
+        dot_product_attention
+    )
+    with pytest.raises(ValueError, match="needs a mesh with a 'seq' axis"):
+        sequence_parallel_attention(AbstractMesh((2,), ("data",)), fallback=True)
 
 
 # ----------------------------------------------------------------------------- every task

@@ -25,6 +25,7 @@ from flaxattn.train._loop import (
     METRICS_FILE,
     RESULTS_FILE,
     draw_figures,
+    lower_train_step,
     make_optimizer,
     train_and_evaluate,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "exact_match",
     "export_checkpoint",
     "load_run",
+    "lower_train_step",
     "make_mesh",
     "make_optimizer",
     "make_task",

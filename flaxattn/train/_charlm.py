@@ -59,7 +59,9 @@ class CharLMTask(Task):
         c = self.config
         max_len = max(c.context, PROMPT_CHARS + c.sample_chars)
         return DecoderLM(
-            transformer_config(c, vocab_size=len(self.vocab), max_len=max_len), rngs=rngs
+            transformer_config(c, vocab_size=len(self.vocab), max_len=max_len),
+            attention_fn=self.attention_fn,
+            rngs=rngs,
         )
 
     def train_batch(self, step: int) -> Batch:

@@ -27,9 +27,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flaxattn.sharding import RING, RingOrDense
 from flaxattn.train._checkpoint import Checkpointer
 from flaxattn.train._config import TrainConfig, validate_config
-from flaxattn.train._mesh import check_batch_size, make_mesh, put_batch, replicated
+from flaxattn.train._mesh import (
+    attention_for_mesh,
+    check_batch_size,
+    make_mesh,
+    put_batch,
+    replicated,
+)
 from flaxattn.train._metrics import MetricsWriter, truncate_metrics
 from flaxattn.train._task import Runner, Task, config_dict
 
@@ -60,7 +67,11 @@ def _rng_tags(model: nnx.Module) -> list[str]:
 
 def init_state(task: Task, config: TrainConfig, mesh):
     """A fresh model split into ``(graphdef, {params, opt_state}, rest)``, placed on ``mesh``
-    (replicated), with the optimizer, its schedule and the model's RNG stream names."""
+    (replicated), with the optimizer, its schedule and the model's RNG stream names.
+
+    The model's attention is chosen for ``mesh`` first (``task.attention_fn``, see
+    :func:`flaxattn.train._mesh.attention_for_mesh`): ring attention on a 'seq' axis."""
+    task.attention_fn = attention_for_mesh(mesh)
     model = task.make_model(nnx.Rngs(config.seed))
     tags = _rng_tags(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -90,6 +101,40 @@ def _make_train_step(task: Task, graphdef, tx, tags: list[str], seed: int, mesh)
 
     rep = replicated(mesh)
     return jax.jit(train_step, out_shardings=(rep, rep))
+
+
+def lower_train_step(
+    config: TrainConfig, *, task: Task | None = None, step: int = 0
+) -> jax.stages.Lowered:
+    """The training step of ``config``, lowered (not compiled) on the batch of ``step``.
+
+    For inspecting the program a run executes: e.g. with ``mesh='data=2,seq=4'``,
+    ``lower_train_step(config).as_text()`` contains ``collective_permute`` (ring attention
+    passing K/V round the 'seq' axis), which a 'data'-only mesh does not.
+    """
+    validate_config(config)
+    if task is None:
+        from flaxattn.train._registry import make_task
+
+        task = make_task(config)
+    mesh = make_mesh(config.data_parallel, config.mesh)
+    graphdef, state, rest, tx, _, tags = init_state(task, config, mesh)
+    train_step = _make_train_step(task, graphdef, tx, tags, config.seed, mesh)
+    batch = put_batch(task.train_batch(step), mesh, shard=task.shard_batch)
+    return train_step.lower(state, rest, batch, jnp.int32(step))
+
+
+def _record_attention(attention_fn: Any, step: int, writer: MetricsWriter) -> None:
+    """After the first step: how the training step's attention calls run (trace-time counts
+    of a RingOrDense), as a metrics record, and a warning for any that do not ring."""
+    if not isinstance(attention_fn, RingOrDense):
+        return
+    counts = dict(sorted(attention_fn.counts.items()))
+    writer.write({"step": step, "split": "meta", "attention_train_step": counts})
+    dense = {k: v for k, v in counts.items() if k != RING}
+    if dense:
+        print(f"attention: {sum(dense.values())} call(s) of the training step run without "
+              f"the ring: {dense}", file=sys.stderr)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -227,6 +272,8 @@ def train_and_evaluate(
                 batch = put_batch(task.train_batch(step), mesh, shard=task.shard_batch)
                 state, metrics = train_step(state, rest, batch, jnp.int32(step))
                 step += 1
+                if step == start + 1:  # traced and compiled by now
+                    _record_attention(task.attention_fn, step, writer)
                 window_steps += 1
                 if step % max(config.log_every, 1) == 0 or step == config.steps:
                     metrics = jax.device_get(metrics)
@@ -292,6 +339,8 @@ def train_and_evaluate(
     results["devices"] = mesh.size
     results["mesh"] = dict(mesh.shape)
     results["platform"] = jax.devices()[0].platform
+    if isinstance(task.attention_fn, RingOrDense):  # every program of the run, traced calls
+        results["attention"] = dict(sorted(task.attention_fn.counts.items()))
     _write_json(workdir / RESULTS_FILE, results)
     return results
 

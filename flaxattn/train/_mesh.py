@@ -3,18 +3,22 @@
 By default the mesh is 1-D, ``('data',)``: parameters and optimizer state are replicated and
 each batch is split along its leading (example) axis. ``mesh='data=D,seq=S'`` makes a 2-D
 ``('data', 'seq')`` mesh that also splits the sequence axis (axis 1) of every batch array
-whose length ``S`` divides; XLA's SPMD partitioner propagates that sharding through the model
-and inserts the collectives. ``jax.jit`` adds the gradient all-reduce, so the training step
+whose length ``S`` divides; XLA's SPMD partitioner propagates that sharding through the
+position-wise layers, and attention runs as ring attention over 'seq' (see
+:func:`attention_for_mesh`). ``jax.jit`` adds the gradient all-reduce, so the training step
 is the same program on one device or many, on CPU, GPU or TPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxattn.sharding import sequence_parallel_attention
 
 DATA_AXIS = "data"
 SEQ_AXIS = "seq"
@@ -56,6 +60,25 @@ def make_mesh(num_devices: int = 0, spec: str = "") -> Mesh:
             f"({devices[0].platform})"
         )
     return Mesh(np.array(devices[: num_devices or len(devices)]), (DATA_AXIS,))
+
+
+def attention_for_mesh(mesh: Mesh) -> Callable[..., Any] | None:
+    """The ``attention_fn`` a task's Transformer is built with on the training ``mesh``.
+
+    With a 'seq' axis of size > 1: ``sequence_parallel_attention(mesh, fallback=True)``, a
+    :class:`flaxattn.sharding.RingOrDense`. Self-attention over the sharded sequence then runs
+    ring attention (K/V blocks passed round the 'seq' axis with ``ppermute``) instead of the
+    K/V all-gather XLA's partitioner would insert. The same model also evaluates, decodes
+    greedily and exports; calls the ring cannot take (``T = 1`` with a KV cache, lengths not a
+    multiple of 2 x seq, a batch not a multiple of 'data', an explicit ``implementation``,
+    attention dropout) run ``dot_product_attention``, with the same result. Its ``counts``
+    record which path each traced call took; the loop writes them to the metrics.
+
+    Otherwise None: the modules' default, ``flaxattn.dot_product_attention``.
+    """
+    if mesh.shape.get(SEQ_AXIS, 1) > 1:
+        return sequence_parallel_attention(mesh, fallback=True)
+    return None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -60,6 +60,10 @@ class Task(abc.ABC):
     """
 
     shard_batch: bool = True  # False: the batch is replicated (e.g. full-batch regression)
+    # The attention_fn for the Transformer models of make_model: set by the loop before it
+    # builds the model (see flaxattn.train._mesh.attention_for_mesh); None = the modules'
+    # default, flaxattn.dot_product_attention.
+    attention_fn: Callable[..., Any] | None = None
 
     def __init__(self, config: TrainConfig):
         self.config = config
