@@ -239,6 +239,10 @@ LOCAL_CASES = {
         S=31,
         key_value_seq_lengths=jnp.array([31, 26]),
     ),
+    "bottom_right, T<S, causal, no lengths (static band)": dict(
+        local_window_size=(9, 2), causal_alignment="bottom_right", is_causal=True, S=31
+    ),
+    "T>S, w=(3, 12) (static band)": dict(local_window_size=(3, 12), S=17),
     "dense bias and mask, score_mod": dict(
         local_window_size=(3, 3), bias=True, mask=True, score_mod=True
     ),

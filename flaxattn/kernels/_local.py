@@ -5,7 +5,9 @@ in `[i·b + offset - left, i·b + b - 1 + offset + right]`, which lie in at most
 `nk = ceil((b - 1 + left + right) / b) + 1` consecutive key blocks. Those are gathered
 (`gathered_block_attention`) and the exact window applied inside them, so the result equals
 exact attention with `local_window_size=(left, right)` while each query reads
-`nk·b ≈ left + right + 2b` keys. Under `is_causal` the right side is 0.
+`nk·b ≈ left + right + 2b` keys. When the offset is the same for every example (top-left
+alignment, or no lengths) the band is a constant with exactly the blocks it needs, one fewer
+than the bound above when the offset is block-aligned. Under `is_causal` the right side is 0.
 
 Reference: Beltagy, Peters, Cohan, "Longformer: The Long-Document Transformer" (2020);
 Child et al., "Generating Long Sequences with Sparse Transformers" (2019).
@@ -27,9 +29,26 @@ from flaxattn.kernels._visibility import Limits
 
 
 def default_block_size(left: int, right: int) -> int:
-    """A power of two near a quarter of the window, in [16, 128]: few wasted keys per query
-    (`nk·b - (left + right + 1)` is below `2b`) without tiny blocks."""
-    return int(np.clip(2 ** int(np.ceil(np.log2(max((left + right) / 4, 1)))), 16, 128))
+    """A power of two near half the window, in [16, 256].
+
+    Wasted keys per query (`nk·b - (left + right + 1)`) stay below `2b`, and the per-block
+    matmuls `[b, H] x [H, nk·b]` are big enough to run well: on the 2-core CPU (causal, T=8192,
+    H=64, 8 heads) the best sizes measured were 32 for w=64, 128 for w=256 and 256 for
+    w=1024, each 1.3-1.6x faster than a quarter of the window.
+    """
+    return int(np.clip(2 ** int(np.ceil(np.log2(max((left + right) / 2, 1)))), 16, 256))
+
+
+def _static_offset(
+    T: int, S: int, alignment: str, q_lengths: Array | None, kv_lengths: Array | None
+) -> int | None:
+    """Where query 0 sits on the key axis when that is the same for every example, else None
+    (bottom-right alignment with lengths moves each example differently)."""
+    if alignment == "top_left":
+        return 0
+    if q_lengths is None and kv_lengths is None:
+        return S - T
+    return None
 
 
 def local_attention(
@@ -91,15 +110,31 @@ def local_attention(
     if b < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size}.")
     num_q_blocks, num_kv_blocks = -(-dims.T // b), -(-dims.S // b)
-    nk = -(-(b - 1 + left + right) // b) + 1
     rows = np.arange(num_q_blocks)
-
-    def band(limits: Limits) -> list[RowGroup]:
-        # The first key block each query block can see; the offset is per example.
-        first = jnp.floor_divide(rows * b + limits.offset - left, b)  # [R]
-        idx = first[:, None] + jnp.arange(nk)  # [R, nk]
+    offset = _static_offset(dims.T, dims.S, causal_alignment, query_seq_lengths,
+                            key_value_seq_lengths)
+    if offset is not None:
+        # Query block i sees key blocks i + lo .. i + hi: the band is a constant, and it is
+        # one block narrower than the worst case below whenever the offset is block-aligned
+        # (6 -> 5 blocks at w = 256, b = 64: a sixth of the work saved).
+        lo, hi = (offset - left) // b, (b - 1 + offset + right) // b
+        idx = rows[:, None] + np.arange(lo, hi + 1)  # [R, nk]
         valid = (idx >= 0) & (idx < num_kv_blocks)
-        return [RowGroup(rows, jnp.clip(idx, 0, num_kv_blocks - 1), valid)]
+        static_band = [RowGroup(rows, np.clip(idx, 0, num_kv_blocks - 1), valid)]
+
+        def band(limits: Limits) -> list[RowGroup]:
+            del limits
+            return static_band
+
+    else:
+        # The offset is per example: allow for any alignment of the window with the blocks.
+        nk = -(-(b - 1 + left + right) // b) + 1
+
+        def band(limits: Limits) -> list[RowGroup]:
+            first = jnp.floor_divide(rows * b + limits.offset - left, b)  # [R]
+            idx = first[:, None] + jnp.arange(nk)  # [R, nk]
+            valid = (idx >= 0) & (idx < num_kv_blocks)
+            return [RowGroup(rows, jnp.clip(idx, 0, num_kv_blocks - 1), valid)]
 
     return gathered_block_attention(
         query,
