@@ -63,6 +63,12 @@ def variants(projection):
             lambda q, k, v: local_attention(q, k, v, is_causal=True, local_window_size=(WINDOW, 0)),
             16384,
         ),
+        f"blocked w={WINDOW}": (  # the same window through the blocked kernel's block skipping
+            lambda q, k, v: dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=(WINDOW, 0), implementation="blocked"
+            ),
+            16384,
+        ),
         f"block-sparse b={BLOCK}": (
             lambda q, k, v: block_sparse_attention(q, k, v, is_causal=True, block_size=BLOCK),
             16384,
