@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,9 +251,12 @@ LOCAL_CASES = {
 }
 
 
-@pytest.mark.parametrize("block_size", [None, pytest.param(7, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method, block_size",
+    [("band", None), ("blocked", None), pytest.param("band", 7, marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("case", list(LOCAL_CASES))
-def test_local_matches_masked_exact(case, block_size):
+def test_local_matches_masked_exact(case, method, block_size):
     kw = dict(LOCAL_CASES[case])
     S = kw.pop("S", T)
     q, k, v = qkv(S=S)
@@ -262,27 +267,32 @@ def test_local_matches_masked_exact(case, block_size):
         kw["mask"] = jnp.asarray(rng.random((1, N, T, S)) < 0.8)
     if kw.pop("score_mod", False):
         kw["score_mod"] = lambda s, i, j: 10.0 * jnp.tanh(s / 10.0) - 0.1 * (i - j)
-    out = local_attention(q, k, v, block_size=block_size, **kw)
+    out = local_attention(q, k, v, block_size=block_size, method=method, **kw)
     ref = dot_product_attention(q, k, v, implementation="reference", **kw)
     np.testing.assert_allclose(out, ref, **ATOL)
 
 
-def test_local_gradients_match_masked_exact():
+@pytest.mark.parametrize("method", ["band", "blocked"])
+def test_local_gradients_match_masked_exact(method):
     q, k, v = qkv()
     kw = dict(local_window_size=(4, 1), is_causal=True, **LENGTHS)
+    local = functools.partial(local_attention, method=method)
     loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, **kw)))
-    ours = jax.grad(loss(local_attention), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(local), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_local_memory_is_linear_in_T():
+@pytest.mark.parametrize("method", ["band", "blocked"])
+def test_local_memory_is_linear_in_T(method):
     """No `[T, S]` array: the compiled scratch grows like T·w, far below one T×T score matrix."""
     shape = (1, 2048, 1, 16)
     x = jnp.zeros(shape)
     fn = jax.jit(
-        lambda q, k, v: local_attention(q, k, v, local_window_size=(16, 0), is_causal=True)
+        lambda q, k, v: local_attention(
+            q, k, v, local_window_size=(16, 0), is_causal=True, method=method
+        )
     )
     temp = fn.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
     assert temp < 2048 * 2048 * 4 / 8, temp
@@ -298,6 +308,13 @@ def test_local_errors():
         r"sequence \(S=23\)",
     ):
         local_attention(q, k, v, local_window_size=(23, 0))
+    for method in ("band", "blocked"):  # the window check comes first for both
+        with pytest.raises(ValueError, match="is larger than the sequence"):
+            local_attention(q, k, v, local_window_size=(23, 0), method=method)
+    with pytest.raises(ValueError, match="method must be 'band' or 'blocked', got 'dense'"):
+        local_attention(q, k, v, local_window_size=3, method="dense")
+    with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
+        local_attention(q, k, v, local_window_size=3, block_size=0)
 
 
 # --- block-sparse attention -------------------------------------------------------------------

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jaxtyping import Float
 
+from flaxattn.kernels._api import dot_product_attention
 from flaxattn.kernels._block_sparse import RowGroup, gathered_block_attention
 from flaxattn.kernels._linear import check_inputs, unbatched
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
@@ -67,12 +69,21 @@ def local_attention(
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     block_size: int | None = None,
+    method: Literal["band", "blocked"] | None = None,
 ) -> Float[Array, "B T N Hv"]:
     """Exact sliding-window attention in O(T·w) time and memory.
 
     Equals `dot_product_attention(..., local_window_size=(left, right))` (query at position
-    `p` sees keys in `[p - left, p + right]`), computed on the band of key blocks around each
-    query block only.
+    `p` sees keys in `[p - left, p + right]`), computed on the key blocks around each query
+    block only, by one of two methods:
+
+    - `'band'`: the band of `block_size` key blocks of every query block is gathered into a
+      static-shape `[R, nk·b]` tile (no loops with data-dependent bounds: suits accelerators
+      and `vmap`).
+    - `'blocked'`: the flash-style blocked kernel, whose loops visit only the key blocks that
+      the window reaches (`dot_product_attention(..., implementation='blocked')`). On the CPU
+      its large tiles make it about 2x faster than the band (T=16384, w=256, causal:
+      0.36 s vs 0.74 s), so it is the default there.
 
     Args:
       query: `[B, T, N, H]` (or `[T, N, H]`).
@@ -81,7 +92,9 @@ def local_attention(
       bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
         causal_alignment, score_mod, mask_mod: as in `dot_product_attention`.
       local_window_size: required; `w` or `(left, right)`, each side smaller than `S`.
-      block_size: positions per block; default `default_block_size(left, right)`.
+      block_size: positions per block; default `default_block_size(left, right)` for the
+        band, the blocked kernel's defaults for `'blocked'`.
+      method: `'band'` or `'blocked'`; default `'blocked'` on the CPU, `'band'` elsewhere.
 
     Returns:
       `[B, T, N, Hv]` in the input dtype; a query with nothing visible gives 0.
@@ -103,12 +116,25 @@ def local_attention(
         local_window_size=local_window_size,
         causal_alignment=causal_alignment,
     )
+    if method is None:
+        method = "blocked" if jax.default_backend() == "cpu" else "band"
+    if method not in ("band", "blocked"):
+        raise ValueError(f"method must be 'band' or 'blocked', got {method!r}.")
+    if block_size is not None and int(block_size) < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size}.")
+    if method == "blocked":
+        return dot_product_attention(
+            query, key, value, bias, mask,
+            scale=scale, is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size, causal_alignment=causal_alignment,
+            score_mod=score_mod, mask_mod=mask_mod, implementation="blocked",
+            block_sizes=None if block_size is None else (int(block_size),) * 2,
+        )
     left, right = visibility.window
     if is_causal:
         right = 0
     b = default_block_size(left, right) if block_size is None else int(block_size)
-    if b < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size}.")
     num_q_blocks, num_kv_blocks = -(-dims.T // b), -(-dims.S // b)
     rows = np.arange(num_q_blocks)
     offset = _static_offset(dims.T, dims.S, causal_alignment, query_seq_lengths,
