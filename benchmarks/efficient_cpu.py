@@ -59,7 +59,7 @@ def variants(projection):
             lambda q, k, v: favor_attention(q, k, v, is_causal=True, projection=projection),
             16384,
         ),
-        f"local w={WINDOW}": (
+        f"local w={WINDOW}": (  # method='blocked' on CPU
             lambda q, k, v: local_attention(q, k, v, is_causal=True, local_window_size=(WINDOW, 0)),
             16384,
         ),
@@ -95,8 +95,9 @@ def main() -> None:
     lines = [
         f"# Efficient attention variants on CPU: causal forward, float32, B={B}, N={N}, H={H}",
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, backend {jax.default_backend()}. The machine was SHARED with "
-        "other jobs while this ran: absolute times are noisy, compare ratios within the run.",
+        f"jax {jax.__version__}, backend {jax.default_backend()}; load average (1 min) "
+        f"{os.getloadavg()[0]:.1f} at the start. Machines are shared: compare ratios within "
+        "the run.",
         f"# command: python benchmarks/efficient_cpu.py{' --quick' if args.quick else ''}",
         "",
         f"{'variant':<22}{'T':>7}{'median ms':>12}{'temp MiB':>11}{'rel. err vs exact':>19}",
