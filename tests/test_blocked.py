@@ -454,3 +454,58 @@ def test_masked_blocks_are_skipped_not_computed():
     assert _block_counter(causal=True)() == 36  # lower triangle + diagonal
     # Window of +-10 around the diagonal: each query block touches 2 or 3 key blocks.
     assert _block_counter(window=(10, 10))() == 22
+
+
+# ----------------------------------------------------------------------------- pieces of a longer sequence
+
+
+def test_explicit_limits_and_grads_of_key_pieces_sum_to_the_whole():
+    """`limits=` places queries against one piece of the keys (the offset is the position of
+    query 0 relative to the piece's first key), and `blocked_attention_grads` with the whole
+    attention's `(out, lse)` gives that piece's exact share: the shares of two pieces sum to
+    the naive reference's gradients, and the pieces' outputs merge to the naive output."""
+    from flaxattn.kernels._blocked import blocked_attention_grads
+    from flaxattn.kernels._visibility import Limits
+
+    B, T, S, N, K, H, split = 2, 37, 53, 4, 2, 16, 20
+    q, k, v = _inputs(B, T, S, N, K, H, seed=3)
+    do = jax.random.normal(jax.random.key(4), (B, T, N, H))
+    q_len, kv_len = jnp.array([30, 37]), jnp.array([53, 40])
+    offset = kv_len - q_len  # bottom-right alignment, written out
+    naive = lambda q, k, v: naive_attention(
+        q, k, v, scale=0.3, causal=True, alignment="bottom_right", q_lengths=q_len,
+        kv_lengths=kv_len,
+    )[0]
+    out, vjp = jax.vjp(naive, q, k, v)
+    dq, dk, dv = vjp(do)
+    # The whole attention's lse, from the kernel over all keys (checked against naive first).
+    vis = Visibility(is_causal=True)
+    whole = Limits(q_len, kv_len, offset)
+    o_all, lse = blocked_attention(q, k, v, visibility=vis, limits=whole, scale=0.3,
+                                   block_sizes=BLOCKS)
+    np.testing.assert_allclose(o_all, out, atol=2e-5)
+    pieces = [
+        (slice(0, split), Limits(q_len, jnp.minimum(kv_len, split), offset)),
+        (slice(split, S), Limits(q_len, jnp.clip(kv_len - split, 0, None), offset - split)),
+    ]
+    grads = [
+        blocked_attention_grads(
+            q, k[:, keys], v[:, keys], out, lse, do, visibility=vis, limits=lim, scale=0.3,
+            block_sizes=BLOCKS,
+        )
+        for keys, lim in pieces
+    ]
+    np.testing.assert_allclose(grads[0][0] + grads[1][0], dq, atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([g[1] for g in grads], 1), dk, atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([g[2] for g in grads], 1), dv, atol=2e-5)
+    parts = [
+        blocked_attention(q, k[:, keys], v[:, keys], visibility=vis, limits=lim, scale=0.3)
+        for keys, lim in pieces
+    ]
+    top = jnp.maximum(parts[0][1], parts[1][1])
+    w = [jnp.exp(jnp.where(jnp.isfinite(lse_i), lse_i - top, -jnp.inf)) for _, lse_i in parts]
+    merged = sum(o * jnp.moveaxis(wi / (w[0] + w[1]), 2, 1)[..., None]
+                 for (o, _), wi in zip(parts, w, strict=True))
+    valid = (jnp.arange(T)[None, :] < q_len[:, None])[:, :, None, None]
+    np.testing.assert_allclose(jnp.where(valid, merged, 0.0), jnp.where(valid, out, 0.0),
+                               atol=2e-5)

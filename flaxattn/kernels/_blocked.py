@@ -150,59 +150,50 @@ def _pad_axis(x: Array, axis: int, size: int) -> Array:
     return jnp.pad(x, pad)
 
 
-def blocked_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
-    visibility: Visibility | None = None,
-    scale: float | Array = 1.0,
-    score_mod: ScoreMod | None = None,
-    mask_mod: MaskMod | None = None,
-    block_sizes: tuple[int, int] | None = None,
-) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
-    """Flash-style attention: online softmax over key blocks, O(T) memory, custom VJP.
+class _Prepared(NamedTuple):
+    """One call's plan and its padded operands (what the forward and the backward share)."""
 
-    Inputs are assumed validated (as by `flaxattn.dot_product_attention`).
+    plan: _Plan
+    q: Array
+    k: Array
+    v: Array
+    bias: Array | None
+    mask: Array | None
+    limits: Limits
+    scale: Array
+    mods: _Mods
 
-    Args:
-      query: `[B, T, N, H]`.
-      key: `[B, S, K, H]`, `K` divides `N`.
-      value: `[B, S, K, Hv]`.
-      bias: float, rank 4, each axis 1 or full: broadcastable to `[B, N, T, S]`. Its gradient
-        has its own shape (summed over the broadcast axes).
-      mask: booleans (True = attend), broadcast like `bias`.
-      visibility: causal / window / length masks, the same object the reference kernel uses.
-      scale: logit multiplier (not differentiated).
-      score_mod: `(score, q_idx, kv_idx) -> score` on global indices, after the bias.
-      mask_mod: `(q_idx, kv_idx) -> bool`, combined with the other masks by "and".
-      block_sizes: `(block_q, block_k)`; default `default_block_sizes(T, S)`. Lengths that are
-        not multiples are padded internally and the padding is masked.
 
-    Returns:
-      `(output [B, T, N, Hv] in query's dtype, logsumexp [B, N, T] float32)`; a row with
-      nothing visible has output 0 and logsumexp -inf.
-    """
+def _prepare(
+    query, key, value, bias, mask, visibility, limits, scale, score_mod, mask_mod, block_sizes
+) -> _Prepared:
+    """Validate nothing (the public entry did), pick the blocks, pad, and hoist the mods."""
     visibility = Visibility() if visibility is None else visibility
     B, T, N, H = query.shape
     S, K, Hv = key.shape[1], key.shape[2], value.shape[3]
     G = N // K
+    structured = not visibility.is_trivial or limits is not None
     if block_sizes is None:
-        bq, bk = default_block_sizes(T, S, masked=not visibility.is_trivial)
+        bq, bk = default_block_sizes(T, S, masked=structured)
     else:
         bq, bk = min(int(block_sizes[0]), T), min(int(block_sizes[1]), S)
     Tp, Sp = _round_up(T, bq), _round_up(S, bk)
 
-    limits = visibility.limits(B, T, S)
+    if limits is None:
+        limits = visibility.limits(B, T, S)
+    else:
+        if visibility.q_lengths is not None or visibility.kv_lengths is not None:
+            raise ValueError("pass lengths either in visibility or in limits, not both")
+        limits = Limits(*(jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B,)) for x in limits))
     # Padded keys are hidden by kv_len (padded queries need no mask: their rows are dropped).
     # The offset keeps the unpadded lengths, so alignment is unchanged.
-    limits = Limits(jnp.minimum(limits.q_len, T), jnp.minimum(limits.kv_len, S), limits.offset)
+    limits = Limits(
+        jnp.clip(limits.q_len, 0, T), jnp.clip(limits.kv_len, 0, S), limits.offset
+    )
 
     if mask is not None or mask_mod is not None:
         masking = "always"
-    elif visibility.is_trivial and Sp == S:
+    elif not structured and Sp == S:
         masking = "never"
     else:
         masking = "edges"
@@ -237,17 +228,118 @@ def blocked_attention(
         visibility=dataclasses.replace(visibility, q_lengths=None, kv_lengths=None),
         masking=masking, score_mod=converted_score_mod, mask_mod=converted_mask_mod,
     )
-    q = _pad_axis(query, 1, Tp)
-    k = _pad_axis(key, 1, Sp)
-    v = _pad_axis(value, 1, Sp)
     if bias is not None:
         bias = _pad_axis(_pad_axis(bias, 2, Tp), 3, Sp)
     if mask is not None:
         mask = _pad_axis(_pad_axis(mask, 2, Tp), 3, Sp)
-    out, lse = _attention(
-        plan, q, k, v, bias, mask, limits, jnp.asarray(scale, jnp.float32), mods
+    return _Prepared(
+        plan, _pad_axis(query, 1, Tp), _pad_axis(key, 1, Sp), _pad_axis(value, 1, Sp),
+        bias, mask, limits, jnp.asarray(scale, jnp.float32), mods,
     )
+
+
+def blocked_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    *,
+    bias: Float[Array, "B N T S"] | None = None,
+    mask: Bool[Array, "B N T S"] | None = None,
+    visibility: Visibility | None = None,
+    limits: Limits | None = None,
+    scale: float | Array = 1.0,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
+    """Flash-style attention: online softmax over key blocks, O(T) memory, custom VJP.
+
+    Inputs are assumed validated (as by `flaxattn.dot_product_attention`).
+
+    Args:
+      query: `[B, T, N, H]`.
+      key: `[B, S, K, H]`, `K` divides `N`.
+      value: `[B, S, K, Hv]`.
+      bias: float, rank 4, each axis 1 or full: broadcastable to `[B, N, T, S]`. Its gradient
+        has its own shape (summed over the broadcast axes).
+      mask: booleans (True = attend), broadcast like `bias`.
+      visibility: causal / window / length masks, the same object the reference kernel uses.
+      limits: explicit per-example `Limits` (`[B]` or scalars) instead of the visibility's
+        lengths and alignment, for callers that attend one piece of a longer sequence (ring
+        attention: the offset places these queries relative to these keys). Then
+        `visibility` must carry no lengths.
+      scale: logit multiplier (not differentiated).
+      score_mod: `(score, q_idx, kv_idx) -> score` on the local indices, after the bias.
+      mask_mod: `(q_idx, kv_idx) -> bool`, combined with the other masks by "and".
+      block_sizes: `(block_q, block_k)`; default `default_block_sizes(T, S)`. Lengths that are
+        not multiples are padded internally and the padding is masked.
+
+    Returns:
+      `(output [B, T, N, Hv] in query's dtype, logsumexp [B, N, T] float32)`; a row with
+      nothing visible has output 0 and logsumexp -inf.
+    """
+    T = query.shape[1]
+    p = _prepare(
+        query, key, value, bias, mask, visibility, limits, scale, score_mod, mask_mod,
+        block_sizes,
+    )
+    out, lse = _attention(*p)
     return out[:, :T], lse[:, :, :T]
+
+
+def blocked_attention_grads(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    out: Float[Array, "B T N Hv"],
+    lse: Float[Array, "B N T"],
+    d_out: Float[Array, "B T N Hv"],
+    d_lse: Float[Array, "B N T"] | None = None,
+    *,
+    bias: Float[Array, "B N T S"] | None = None,
+    mask: Bool[Array, "B N T S"] | None = None,
+    visibility: Visibility | None = None,
+    limits: Limits | None = None,
+    scale: float | Array = 1.0,
+    mask_mod: MaskMod | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Array, Array, Array, Array | None]:
+    """The blocked backward on its own: gradients of these keys' share of an attention whose
+    softmax statistics are given.
+
+    With `out` and `lse` of the whole attention (every key block, not only these), the result
+    is this block's exact contribution to `(dq, dk, dv, dbias)`: ring attention sums it over
+    the K/V blocks that visit a device. With this call's own `out, lse` it is the VJP of
+    `blocked_attention`.
+
+    Args:
+      query, key, value, bias, mask, visibility, limits, scale, mask_mod, block_sizes: as for
+        `blocked_attention` (no `score_mod`).
+      out: `[B, T, N, Hv]`, the attention output the cotangent belongs to.
+      lse: `[B, N, T]` float32, its logsumexp (-inf for an empty row).
+      d_out: `[B, T, N, Hv]`, the output cotangent.
+      d_lse: `[B, N, T]`, the logsumexp cotangent (None: zero).
+
+    Returns:
+      `(dq [B, T, N, H] float32, dk [B, S, K, H] float32, dv [B, S, K, Hv] float32,
+      dbias in bias's shape, float32, or None)`.
+    """
+    T, S = query.shape[1], key.shape[1]
+    p = _prepare(
+        query, key, value, bias, mask, visibility, limits, scale, None, mask_mod, block_sizes
+    )
+    plan = p.plan
+    bq, bk = plan.backward_blocks
+    pad_rows = lambda x: _pad_axis(x, 1, plan.T)
+    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, plan.T - T)), constant_values=-jnp.inf)
+    d_lse = jnp.zeros_like(lse) if d_lse is None else _pad_axis(d_lse, 2, plan.T)
+    dq, dk, dv, dbias, _ = _backward(
+        dataclasses.replace(plan, bq=bq, bk=bk), p.q, p.k, p.v, p.bias, p.mask, p.limits,
+        p.scale, p.mods, pad_rows(out), lse, pad_rows(d_out), d_lse, dtype=jnp.float32,
+    )
+    if dbias is not None:
+        dbias = dbias[:, :, : bias.shape[2], : bias.shape[3]]
+    return dq[:, :T], dk[:, :S], dv[:, :S], dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -476,7 +568,9 @@ def _forward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods: _Mods):
 # ----------------------------------------------------------------------------- backward
 
 
-def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse):
+def _backward(
+    plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d_out, d_lse, dtype=None
+):
     """Gradients by recomputation, block by block, on key-major tiles (`ᵀ`: `[K, bk, G·bq]`):
 
         pᵀ = exp(sᵀ - lse)   dV += pᵀ dO   dpᵀ = V dOᵀ   dsᵀ = pᵀ ⊙ (dpᵀ - rowsum(dO ⊙ O) + dlse)
@@ -559,8 +653,8 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
             dconsts,
         )
         dk, dv, dq, dbias, dconsts = lax.fori_loop(i_lo, i_hi, body, init)
-        dk = _rows_major(dk, bk).astype(k.dtype)  # [bk, K, H]
-        dv = _rows_major(dv, bk).astype(v.dtype)  # [bk, K, Hv]
+        dk = _rows_major(dk, bk)  # [bk, K, H]
+        dv = _rows_major(dv, bk)  # [bk, K, Hv]
         return (dq, dbias, dconsts), (dk, dv)
 
     dq = jnp.zeros((plan.B, plan.T, plan.N, plan.H), jnp.float32)
@@ -571,9 +665,11 @@ def _backward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods, out, lse, d
     )
     dk = dk.reshape(plan.B, plan.S, K, plan.H)
     dv = dv.reshape(plan.B, plan.S, K, plan.Hv)
-    dbias = None if dbias is None else dbias.astype(bias.dtype)
     dconsts = tuple(d.astype(c.dtype) for d, c in zip(dconsts, mods.score_cols, strict=True))
-    return dq.astype(q.dtype), dk, dv, dbias, dconsts
+    if dtype is not None:  # the caller sums several blocks' shares: keep float32
+        return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype), dbias, dconsts
+    dbias = None if dbias is None else dbias.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dconsts
 
 
 def _bias_block_grad(plan: _Plan, ds_t: Array, bias_shape: tuple[int, ...]) -> Array:
