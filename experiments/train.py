@@ -15,8 +15,8 @@ Everything goes under --workdir: metrics.jsonl, checkpoints/, attention.npz, fig
 results.json (and samples.txt for charlm). --set key=value changes any field of the task's
 config (see --show-config). The same command runs on CPU, GPU or TPU; with several local
 devices the batch is split over a 'data' mesh axis, and --mesh data=D,seq=S also splits the
-sequence axis (a data x sequence mesh) and runs self-attention as ring attention. Ctrl-C saves a checkpoint; --resume continues from
-the latest one with no step lost.
+sequence axis (a data x sequence mesh) and runs self-attention as ring attention. Ctrl-C saves
+a checkpoint; --resume continues from the latest one with no step lost.
 """
 
 from __future__ import annotations

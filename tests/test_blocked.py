@@ -456,7 +456,7 @@ def test_masked_blocks_are_skipped_not_computed():
     assert _block_counter(window=(10, 10))() == 22
 
 
-# ----------------------------------------------------------------------------- pieces of a longer sequence
+# ----------------------------------------------------------------------------- sequence pieces
 
 
 def test_explicit_limits_and_grads_of_key_pieces_sum_to_the_whole():
