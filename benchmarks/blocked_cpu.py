@@ -9,10 +9,13 @@ float32, B=1, N=8, H=64, T = S, through `flaxattn.dot_product_attention(implemen
 installed, PyTorch's CPU `scaled_dot_product_attention`. Forward+backward is the forward and
 the VJP of a given output cotangent (as in training, where dO arrives from the layers above).
 
-Each round measures everything once (`flaxattn.benchmarking`: compile, warm up, median of
-repeats) together with the float32 matmul throughput, and computes every ratio within the
-round. The report gives, for each figure, the median over rounds and the [min, max] range: the
-machine is shared, so absolute times are noisy and the ratios are what to read.
+Each round measures everything once. For each length and pass, blocked, jax.nn and torch,
+causal and not, and the float32 matmul that sets the ceiling, are compiled and then called in
+alternation (`flaxattn.benchmarking.time_interleaved`: one warm-up round, then the median of
+`--repeats` rounds), so every ratio compares calls made under the same load; the ratios are
+computed within the round. The report gives, for each figure, the median over rounds and the
+[min, max] range: the machine is shared, so absolute times are noisy and the ratios are what
+to read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,14 +36,15 @@ import numpy as np
 import flaxattn
 from flaxattn.benchmarking import (
     attention_flops,
+    compiled_call,
     compiled_temp_bytes,
-    matmul_flops_per_second,
-    time_jitted,
+    time_interleaved,
 )
 
 B, N, H = 1, 8, 64
 RESULTS = Path(__file__).parent / "results" / "blocked_cpu.txt"
 MIB = 2**20
+MATMUL = 2048  # the ceiling: a float32 MATMUL^3 matmul, timed beside the attention calls
 
 
 def blocked(causal: bool) -> Callable:
@@ -66,41 +69,47 @@ def inputs(T: int, count: int = 3) -> tuple[jax.Array, ...]:
     return tuple(jax.random.normal(key, (B, T, N, H), jnp.float32) for key in keys)
 
 
-def torch_forward_seconds(T: int, causal: bool, repeats: int) -> float | None:
-    """PyTorch SDPA forward on the same shapes (median of repeats after one warm-up call, as
-    `time_jitted` does for JAX), or None when torch is not installed."""
+def torch_forward_call(T: int, causal: bool) -> Callable[[], object] | None:
+    """A zero-argument PyTorch SDPA forward on the same inputs, or None without torch."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
     q, k, v = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous() for x in inputs(T))
-    with torch.no_grad():
-        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    def call():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
 
 
 def measure_round(lengths: list[int], repeats: int) -> dict:
-    """One round: the matmul ceiling, then every (T, causal, pass, implementation) time."""
-    result = {"matmul": matmul_flops_per_second(repeats=repeats), "times": {}}
+    """One round. For each (T, pass), every peer runs in alternation with the others and with
+    the matmul that sets the ceiling (`time_interleaved`), so each ratio compares calls made
+    under the same load."""
+    result: dict = {"times": {}, "matmul_at": {}}
+    a = jnp.ones((MATMUL, MATMUL), jnp.float32)
     for T in lengths:
         q, k, v, do = inputs(T, 4)
-        for causal in (False, True):
-            times = result["times"]
-            for name, make in (("blocked", blocked), ("xla", xla)):
-                times[T, causal, "fwd", name] = time_jitted(make(causal), q, k, v, repeats=repeats)
-                times[T, causal, "fwd+bwd", name] = time_jitted(
-                    with_backward(make(causal)), q, k, v, do, repeats=repeats
-                )
-            torch_time = torch_forward_seconds(T, causal, repeats)
-            if torch_time is not None:
-                times[T, causal, "fwd", "torch"] = torch_time
-            print(f"  T={T} causal={causal} done", file=sys.stderr, flush=True)
+        for pass_ in ("fwd", "fwd+bwd"):
+            calls = {"matmul": compiled_call(lambda x: x @ x, a)[0]}
+            for causal in (False, True):
+                for name, make in (("blocked", blocked), ("xla", xla)):
+                    fn, args = make(causal), (q, k, v)
+                    if pass_ == "fwd+bwd":
+                        fn, args = with_backward(fn), (q, k, v, do)
+                    calls[name, causal] = compiled_call(fn, *args)[0]
+                torch_call = torch_forward_call(T, causal) if pass_ == "fwd" else None
+                if torch_call is not None:
+                    calls["torch", causal] = torch_call
+            timings = time_interleaved(calls, repeats=repeats)
+            result["matmul_at"][T, pass_] = 2 * MATMUL**3 / timings.pop("matmul").median
+            for (name, causal), timing in timings.items():
+                result["times"][T, causal, pass_, name] = timing
+            print(f"  T={T} {pass_} done", file=sys.stderr, flush=True)
+    result["matmul"] = statistics.median(result["matmul_at"].values())
     return result
 
 
@@ -130,7 +139,8 @@ def time_table(rounds: list[dict], lengths: list[int]) -> list[str]:
                     str(T), "yes" if causal else "no", pass_,
                     summarise([t * 1e3 for t in ours], "{:.0f}"),
                     summarise([flops / t / 1e9 for t in ours], "{:.0f}"),
-                    summarise([flops / get(r, "blocked") / r["matmul"] for r in rounds]),
+                    summarise([flops / get(r, "blocked") / r["matmul_at"][T, pass_]
+                               for r in rounds]),
                     summarise([get(r, "xla") * 1e3 for r in rounds], "{:.0f}"),
                     summarise([get(r, "xla") / get(r, "blocked") for r in rounds]),
                 ]
@@ -155,7 +165,7 @@ def targets(rounds: list[dict], lengths: list[int]) -> list[str]:
 
     def frac(r, causal, pass_):
         flops = attention_flops(B, N, T, T, H, causal=causal, backward=pass_ != "fwd")
-        return flops / t(r, causal, pass_, "blocked") / r["matmul"]
+        return flops / t(r, causal, pass_, "blocked") / r["matmul_at"][T, pass_]
 
     rows = [
         (f"T={T} fwd: jax.nn time / blocked time", ">= 3.5", 3.5,
@@ -262,7 +272,8 @@ def main() -> None:
         f"setting: float32, B={B}, N={N}, H={H}, T=S; {args.rounds} rounds x {args.repeats} "
         "timed calls; every figure is the median over rounds [min, max] of per-round values",
         "",
-        "float32 matmul throughput (2048^3), per round: "
+        f"float32 matmul throughput ({MATMUL}^3, timed in alternation with the attention "
+        "calls; median per round): "
         + ", ".join(f"{r['matmul'] / 1e9:.0f}" for r in rounds) + " GFLOP/s",
         "",
         "## Targets (ratios computed within each round)",

@@ -48,6 +48,48 @@ def time_jitted(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: in
     return Timing(statistics.median(times), min(times), max(times), len(times), compile_seconds)
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time several ready-to-run calls in alternation: A, B, C, A, B, C, ...
+
+    On a shared machine the load changes from second to second; alternating the calls exposes
+    every one of them to the same conditions, so ratios between them stay meaningful even
+    when absolute times drift. Each call must block on its result (wrap JAX calls in
+    `jax.block_until_ready`); compile before passing them (`compiled_call`).
+
+    Args:
+      calls: name -> a zero-argument function that runs one call to completion.
+      repeats: timed rounds (each runs every call once).
+      warmup: untimed rounds first.
+
+    Returns:
+      name -> `Timing` (compile_seconds 0: compile time is the caller's to record).
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(max(repeats, 1)):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: Timing(statistics.median(t), min(t), max(t), len(t), 0.0)
+        for name, t in times.items()
+    }
+
+
+def compiled_call(fn: Callable[..., Any], *args: Any) -> tuple[Callable[[], Any], float]:
+    """`(call, compile_seconds)`: `fn` jitted and compiled for `args`, as a blocking
+    zero-argument call for `time_interleaved`."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    return (lambda: jax.block_until_ready(compiled(*args))), compile_seconds
+
+
 def compiled_temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
     """Temporary (scratch) bytes of the compiled `jax.jit(fn)`, or None if not reported."""
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()

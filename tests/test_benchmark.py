@@ -6,6 +6,7 @@ import functools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -224,3 +225,28 @@ def test_records_are_json_serialisable(tiny):
     _, records, _ = tiny
     for r in records:
         assert json.loads(json.dumps(r)) == r
+
+
+def test_time_interleaved_alternates_the_calls():
+    # The calls run in alternation (A, B, A, B, ...), warm-up rounds first, and each one's
+    # times are its own: a slow call's median is not the fast one's.
+    from flaxattn.benchmarking import compiled_call, time_interleaved
+
+    order: list[str] = []
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+
+        return run
+
+    timings = time_interleaved({"a": call("a", 0.0), "b": call("b", 0.003)}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert timings["a"].repeats == timings["b"].repeats == 3
+    assert timings["b"].min >= 0.003 > timings["a"].median
+    run, compile_seconds = compiled_call(lambda x: x * 2, np.ones(3, np.float32))
+    np.testing.assert_array_equal(run(), np.full(3, 2.0))
+    assert compile_seconds > 0
