@@ -29,6 +29,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+# PyTorch's OpenMP threads busy-wait after each call by default, stealing the cores from the
+# XLA call that follows in an interleaved run; passive waiting keeps the peers independent.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
