@@ -6,10 +6,19 @@ partial result into a running `(output, logsumexp)` pair, and passes the block t
 neighbour with `jax.lax.ppermute` (the send is issued before the step's compute, so XLA may
 overlap the two). No device ever holds more than one visiting K/V block.
 
+Each step is flash-style: every (query chunk, key chunk) pair is one call of the blocked
+kernel (`blocked_attention`, with `Limits` that place the chunks' local indices at their global
+positions, and `mask_mod` shifted to the same), so a step's temporaries are O(T/P) and its
+fixed-size tiles, never the `[T/P, S/P]` logits. One exception stays dense (`_block_forward`,
+`_block_backward`): `layout='striped'` with a local window, because positions `r + P·i` against
+`s + P·j` make the window's ends depend on the traced shard pair, while the blocked kernel's
+window is static; causal masks and lengths are exact on strided indices and stay flash-style.
+
 The backward pass is a second ring (a `jax.custom_vjp`, not autodiff through the forward
-scan): K and V go round again, each step recomputes its block of probabilities from the saved
-logsumexp, and the key/value gradients travel with their block until one last `ppermute`
-brings them home. Per-device memory is O(T/P) for every residual.
+scan): K and V go round again, each step computes its block's share of the gradients from the
+saved output and logsumexp (`blocked_attention_grads`), and the key/value gradients travel with
+their block until one last `ppermute` brings them home. Per-device memory is O(T/P) for every
+residual and every temporary (the dense striped-window exception aside).
 
 Load balancing for causal attention comes from the sequence *layout*: which global positions
 each device holds. `'contiguous'` gives device `r` positions `[r·L, (r+1)·L)`, so under a
@@ -17,8 +26,9 @@ causal mask the last device works at every step while the first idles. `'zigzag'
 sequence into `2P` chunks and gives device `r` chunks `r` and `2P-1-r`: every device then has
 the same visible work at every step (half a block after the first), and the invisible half is
 skipped. `'striped'` gives device `r` positions `r, r+P, r+2P, ...` (Striped Attention,
-Brandon et al. 2023): every block pair is about half visible, which balances the masked work but
-skips none of it at this granularity, so here it costs what `'contiguous'` costs.
+Brandon et al. 2023): every block pair is about half visible, which balances the masked work;
+the pair is then causal on its local indices, so the blocked kernel skips its invisible half
+at its own block granularity (once the shard is longer than one block).
 `ring_attention` permutes the sequence into the layout before the ring and back after it
 (`to_ring_layout` / `from_ring_layout`, also usable on their own).
 
@@ -42,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Float
 
 from flaxattn.kernels import _validate as V
+from flaxattn.kernels._blocked import blocked_attention, blocked_attention_grads
 from flaxattn.kernels._single_head import MaskMod
 from flaxattn.kernels._softmax import masked_softmax
 from flaxattn.kernels._visibility import CAUSAL_ALIGNMENTS, Limits, Visibility
@@ -171,7 +182,8 @@ def _relayout(x, mesh, axis_name, batch_axis, layout, axis, inverse):
 
 
 # ----------------------------------------------------------------------------------------------
-# One block: local queries against one visiting K/V block, at global positions.
+# One pair: local queries against one chunk of the visiting K/V block, at global positions;
+# flash-style by the blocked kernel, or dense where local limits would not be exact.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -187,6 +199,8 @@ class _Config:
     q_table: np.ndarray  # [P, T/P] global query positions held by each shard
     kv_table: np.ndarray  # [P, S/P]
     chunks: int  # sub-blocks per shard, each a contiguous slice, skipped when empty
+    stride: int  # within a chunk, positions are `start + stride·i` (P for striped, else 1)
+    flash: bool  # pairs by the blocked kernel; False where local limits are not exact
 
 
 def _grouped(x: Array | None, K: int) -> Array | None:
@@ -216,15 +230,18 @@ def _logits(cfg, q, k, bias):
 
 
 def _block_forward(cfg, q, k, v, bias, mask, q_pos, kv_pos, limits):
-    """`(out [B, t, K, G, Hv] f32, lse [B, K, G, t] f32)` of queries `q` on one K/V block."""
+    """Dense: `(out [B, t, K, G, Hv] f32, lse [B, K, G, t] f32)` of queries `q` on one block."""
     logits = _logits(cfg, q, k, bias)  # [B, K, G, t, s]
     weights, lse = masked_softmax(logits, _visible(cfg, q_pos, kv_pos, limits, mask, k.shape[2]))
     out = jnp.einsum("BKGTS,BSKV->BTKGV", weights, v.astype(jnp.float32))
     return out, lse
 
 
-def _block_backward(cfg, q, k, v, bias, mask, q_pos, kv_pos, limits, lse, dout, delta):
-    """Gradients of one block from the final `lse` and `delta = rowsum(dout·out) - dlse`."""
+def _block_backward(cfg, q, k, v, bias, mask, q_pos, kv_pos, limits, out, lse, dout, dlse):
+    """Dense: this block's share `(dq, dk, dv, dbias|None)` of the gradients, from the whole
+    attention's `out [B, t, K, G, Hv]`, `lse [B, K, G, t]` and cotangents `dout`, `dlse`."""
+    # d lse / d logits = p, so a cotangent on lse enters exactly like -delta.
+    delta = jnp.einsum("BTKGV,BTKGV->BKGT", dout, out.astype(jnp.float32)) - dlse
     logits = _logits(cfg, q, k, bias)
     visible = _visible(cfg, q_pos, kv_pos, limits, mask, k.shape[2])
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
@@ -234,7 +251,118 @@ def _block_backward(cfg, q, k, v, bias, mask, q_pos, kv_pos, limits, lse, dout, 
     ds = p * (dp - delta[..., None])  # d loss / d logits
     dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k.astype(jnp.float32)) * cfg.scale
     dk = jnp.einsum("BKGTS,BTKGH->BSKH", ds, q.astype(jnp.float32)) * cfg.scale
-    return dq, dk, dv, ds
+    dbias = None
+    if bias is not None:
+        B, N = q.shape[0], q.shape[2] * q.shape[3]
+        dbias = _reduce_to(ds.reshape((B, N) + ds.shape[3:]), bias.shape)
+    return dq, dk, dv, dbias
+
+
+def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sum `x` over the axes where `shape` is 1 (the gradient of a broadcast)."""
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] > 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _local_limits(cfg: _Config, q0: Array, k0: Array, t: int, s: int, limits: Limits) -> Limits:
+    """The global `limits` ([B]) of queries `q0 + σ·i` (`i < t`) against keys `k0 + σ·j`
+    (`j < s`), `σ = cfg.stride`, as limits on the local indices `i, j`.
+
+    Exact for causal and lengths at any stride (`σ·j + k0 <= σ·i + q0 + offset` iff
+    `j <= i + floor((q0 - k0 + offset) / σ)`; `σ·i + q0 < q_len` iff `i < ceil((q_len - q0) / σ)`),
+    and for a window at stride 1 only.
+    """
+    st = cfg.stride
+    ceil = lambda x: -(-x // st)
+    return Limits(
+        jnp.clip(ceil(limits.q_len - q0), 0, t),
+        jnp.clip(ceil(limits.kv_len - k0), 0, s),
+        (limits.offset + q0 - k0) // st,
+    )
+
+
+def _local_mask_mod(cfg: _Config, q0: Array, k0: Array) -> MaskMod | None:
+    """The global-position `mask_mod` on the blocked kernel's local indices."""
+    if cfg.mask_mod is None:
+        return None
+    st, mod = cfg.stride, cfg.mask_mod
+    return lambda qi, ki: mod(q0 + st * qi, k0 + st * ki)
+
+
+def _as_heads(x: Array) -> Array:
+    """`[B, t, K, G, *]` -> `[B, t, N, *]` (rows) or `[B, K, G, t]` -> `[B, N, t]` (lse)."""
+    if x.ndim == 4:
+        return x.reshape(x.shape[0], -1, x.shape[3])
+    return x.reshape(x.shape[:2] + (-1, x.shape[4]))
+
+
+def _flash_forward(
+    cfg: _Config,
+    q: Float[Array, "B t K G H"],
+    k: Float[Array, "B s K H"],
+    v: Float[Array, "B s K Hv"],
+    bias: Array | None,
+    mask: Array | None,
+    q_pos: Array,
+    kv_pos: Array,
+    limits: Limits,
+) -> tuple[Float[Array, "B t K G Hv"], Float[Array, "B K G t"]]:
+    """`_block_forward` by the blocked kernel: O(t) temporaries instead of `[B, N, t, s]`.
+
+    `q_pos [t]`, `kv_pos [s]` are the chunks' global positions (`start + stride·i`), `limits`
+    the global `[B]` limits; `bias`, `mask` the pair's `[b, n, t|1, s|1]` block.
+    """
+    B, t, K, G, _ = q.shape
+    out, lse = blocked_attention(
+        _as_heads(q).astype(jnp.float32),  # out comes in q's dtype: float32 for the merge
+        k,
+        v,
+        bias=bias,
+        mask=mask,
+        visibility=cfg.visibility,
+        limits=_local_limits(cfg, q_pos[0], kv_pos[0], t, k.shape[1], limits),
+        scale=cfg.scale,
+        mask_mod=_local_mask_mod(cfg, q_pos[0], kv_pos[0]),
+    )  # [B, t, N, Hv], [B, N, t]
+    return out.reshape(B, t, K, G, -1), lse.reshape(B, K, G, t)
+
+
+def _flash_backward(
+    cfg: _Config,
+    q: Float[Array, "B t K G H"],
+    k: Float[Array, "B s K H"],
+    v: Float[Array, "B s K Hv"],
+    bias: Array | None,
+    mask: Array | None,
+    q_pos: Array,
+    kv_pos: Array,
+    limits: Limits,
+    out: Float[Array, "B t K G Hv"],
+    lse: Float[Array, "B K G t"],
+    dout: Float[Array, "B t K G Hv"],
+    dlse: Float[Array, "B K G t"],
+) -> tuple[Array, Array, Array, Array | None]:
+    """`_block_backward` by the blocked kernel's backward, O(t) temporaries: this pair's share
+    `(dq [B, t, K, G, H], dk [B, s, K, H], dv [B, s, K, Hv], dbias|None)`, all float32, from
+    the whole attention's `out` and `lse` (over every key block, not only this one)."""
+    B, t, K, G, H = q.shape
+    dq, dk, dv, dbias = blocked_attention_grads(
+        _as_heads(q),
+        k,
+        v,
+        _as_heads(out),
+        _as_heads(lse),
+        _as_heads(dout),
+        _as_heads(dlse),
+        bias=bias,
+        mask=mask,
+        visibility=cfg.visibility,
+        limits=_local_limits(cfg, q_pos[0], kv_pos[0], t, k.shape[1], limits),
+        scale=cfg.scale,
+        mask_mod=_local_mask_mod(cfg, q_pos[0], kv_pos[0]),
+        block_sizes=None,
+    )
+    return dq.reshape(B, t, K, G, H), dk, dv, dbias
 
 
 def _merge(a, b):
@@ -325,6 +453,7 @@ def _ring_forward_body(cfg: _Config, q, k, v, bias, mask, limits):
     q_pos = jnp.asarray(cfg.q_table)[shard]
     kv_table = jnp.asarray(cfg.kv_table)
     ring = [(i, (i + 1) % nP) for i in range(nP)]
+    pair_forward = _flash_forward if cfg.flash else _block_forward
 
     def empty(t):
         return (
@@ -352,7 +481,7 @@ def _ring_forward_body(cfg: _Config, q, k, v, bias, mask, limits):
                 )
                 block = jax.lax.cond(
                     nonempty[ci, kj],
-                    lambda *a: _block_forward(cfg, *a),
+                    lambda *a: pair_forward(cfg, *a),
                     lambda *a: empty(blk.tc),
                     *args,
                 )
@@ -373,12 +502,6 @@ def _ring_forward_body(cfg: _Config, q, k, v, bias, mask, limits):
     return out.reshape(B, Tl, N, Hv), lse.reshape(B, N, Tl)
 
 
-def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
-    """Sum `x` over the axes where `shape` is 1 (the gradient of a broadcast)."""
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] > 1)
-    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
 def _ring_backward_body(cfg: _Config, q, k, v, bias, mask, limits, out, lse, dout, dlse):
     """Per shard: the second ring. Returns `(dq, dk, dv, dbias)` for this shard's inputs."""
     B, Tl, N, H = q.shape
@@ -387,32 +510,22 @@ def _ring_backward_body(cfg: _Config, q, k, v, bias, mask, limits, out, lse, dou
     nP, blk = cfg.num_shards, _Block(cfg, Tl, Sl)
     shard = jax.lax.axis_index(cfg.axis_name)
     q = q.reshape(B, Tl, K, G, H)
+    out = out.reshape(B, Tl, K, G, Hv)
     dout = dout.astype(jnp.float32).reshape(B, Tl, K, G, Hv)
     lse = lse.reshape(B, K, G, Tl)
-    # d lse / d logits = p, so a cotangent on lse enters exactly like -delta.
-    delta = jnp.einsum("BTKGV,BTKGV->BKGT", dout, out.astype(jnp.float32).reshape(dout.shape))
-    delta = delta - dlse.astype(jnp.float32).reshape(B, K, G, Tl)
+    dlse = dlse.astype(jnp.float32).reshape(B, K, G, Tl)
     q_pos = jnp.asarray(cfg.q_table)[shard]
     kv_table = jnp.asarray(cfg.kv_table)
     ring = [(i, (i + 1) % nP) for i in range(nP)]
+    pair_backward = _flash_backward if cfg.flash else _block_backward
 
-    def pair_grads(ci, kj, bias_shape):
-        def compute(*a):
-            dq, dk, dv, ds = _block_backward(cfg, *a)  # ds [B, K, G, t, s]
-            db = None
-            if bias_shape is not None:
-                db = _reduce_to(ds.reshape((B, N) + ds.shape[3:]), bias_shape)
-            return dq, dk, dv, db
-
-        def skip(*a):
-            return (
-                jnp.zeros((B, blk.tc, K, G, H), jnp.float32),
-                jnp.zeros((B, blk.sc, K, H), jnp.float32),
-                jnp.zeros((B, blk.sc, K, Hv), jnp.float32),
-                None if bias_shape is None else jnp.zeros(bias_shape, jnp.float32),
-            )
-
-        return compute, skip
+    def skip(q, k, v, bias, *rest):  # an empty pair: zero gradients, nothing computed
+        return (
+            jnp.zeros((B, blk.tc, K, G, H), jnp.float32),
+            jnp.zeros((B, blk.sc, K, H), jnp.float32),
+            jnp.zeros((B, blk.sc, K, Hv), jnp.float32),
+            None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+        )
 
     def attend(grads, k, v, src):
         dq, dbias, dk, dv = grads
@@ -435,11 +548,12 @@ def _ring_backward_body(cfg: _Config, q, k, v, bias, mask, limits, out, lse, dou
                     blk.rows(q_pos, ci, 0),
                     blk.keys(kv_pos, kj, 0),
                     limits,
+                    blk.rows(out, ci),
                     blk.rows(lse, ci, 3),
                     blk.rows(dout, ci),
-                    blk.rows(delta, ci, 3),
+                    blk.rows(dlse, ci, 3),
                 )
-                compute, skip = pair_grads(ci, kj, None if bias is None else bias_p.shape)
+                compute = lambda *a: pair_backward(cfg, *a)
                 gq, gk, gv, gb = jax.lax.cond(nonempty[ci, kj], compute, skip, *args)
                 dq_c += gq
                 dk_cols[kj] += gk
@@ -711,6 +825,9 @@ def ring_attention(
         q_table=q_perm.reshape(num_shards, -1),
         kv_table=kv_perm.reshape(num_shards, -1),
         chunks=2 if layout == "zigzag" else 1,
+        stride=num_shards if layout == "striped" else 1,
+        # A window is not a window on the local indices of strided positions: dense there.
+        flash=not (layout == "striped" and window is not None),
     )
 
     if sequence_in_layout:
