@@ -109,11 +109,13 @@ def measure_round(lengths: list[int], repeats: int) -> dict:
                 if torch_call is not None:
                     calls["torch", causal] = torch_call
             timings = time_interleaved(calls, repeats=repeats)
-            result["matmul_at"][T, pass_] = 2 * MATMUL**3 / timings.pop("matmul").median
+            result["matmul_at"][T, pass_] = 2 * MATMUL**3 / timings.pop("matmul").min
             for (name, causal), timing in timings.items():
                 result["times"][T, causal, pass_, name] = timing
             print(f"  T={T} {pass_} done", file=sys.stderr, flush=True)
-    result["matmul"] = statistics.median(result["matmul_at"].values())
+    # The ceiling is the best matmul call of the round: one right after a peer that swept
+    # gigabytes of [T, S] temporaries runs slow, and a low ceiling would flatter the kernel.
+    result["matmul"] = max(result["matmul_at"].values())
     return result
 
 
@@ -143,8 +145,7 @@ def time_table(rounds: list[dict], lengths: list[int]) -> list[str]:
                     str(T), "yes" if causal else "no", pass_,
                     summarise([t * 1e3 for t in ours], "{:.0f}"),
                     summarise([flops / t / 1e9 for t in ours], "{:.0f}"),
-                    summarise([flops / get(r, "blocked") / r["matmul_at"][T, pass_]
-                               for r in rounds]),
+                    summarise([flops / get(r, "blocked") / r["matmul"] for r in rounds]),
                     summarise([get(r, "xla") * 1e3 for r in rounds], "{:.0f}"),
                     summarise([get(r, "xla") / get(r, "blocked") for r in rounds]),
                 ]
@@ -169,7 +170,7 @@ def targets(rounds: list[dict], lengths: list[int]) -> list[str]:
 
     def frac(r, causal, pass_):
         flops = attention_flops(B, N, T, T, H, causal=causal, backward=pass_ != "fwd")
-        return flops / t(r, causal, pass_, "blocked") / r["matmul_at"][T, pass_]
+        return flops / t(r, causal, pass_, "blocked") / r["matmul"]
 
     rows = [
         (f"T={T} fwd: jax.nn time / blocked time", ">= 3.5", 3.5,
@@ -277,7 +278,7 @@ def main() -> None:
         "timed calls; every figure is the median over rounds [min, max] of per-round values",
         "",
         f"float32 matmul throughput ({MATMUL}^3, timed in alternation with the attention "
-        "calls; median per round): "
+        "calls; the best call of each round): "
         + ", ".join(f"{r['matmul'] / 1e9:.0f}" for r in rounds) + " GFLOP/s",
         "",
         "## Targets (ratios computed within each round)",
