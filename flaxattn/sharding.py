@@ -16,7 +16,9 @@ fallback=True)`: ring where it can, `dot_product_attention` elsewhere, each call
 
 Multi-host: call `jax.distributed.initialize()` first on every process. `make_mesh` then spans
 all processes' devices, and `shard_batch` assembles the global batch from each process's
-local slice (`jax.make_array_from_process_local_data`), so the loop is the same code.
+local slice (`jax.make_array_from_process_local_data`), so the loop is the same code. Where
+every process holds the whole batch instead (generated from the same seed, as in
+`flaxattn.train`), `global_array` places it: each process puts only its own devices' shards.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from flaxattn.kernels import dot_product_attention
@@ -121,9 +123,39 @@ def shard_batch(batch: Any, mesh: Mesh, *, shard_sequence: bool = True) -> Any:
     return jax.tree.map(place, batch)
 
 
+def global_array(value: Any, sharding: Sharding) -> jax.Array:
+    """The global `jax.Array` of `value` with `sharding`, from a value every process holds whole.
+
+    Each process slices out the shards of its own devices (`jax.make_array_from_callback`), so
+    nothing is sent between processes; the caller guarantees that `value` is the same on every
+    process (e.g. generated from the same seed). On one process it equals
+    `jax.device_put(value, sharding)`.
+
+    Args:
+      value: the whole array (numpy, or anything `np.asarray` takes).
+      sharding: e.g. a `NamedSharding` of a mesh over `jax.devices()`.
+
+    Returns:
+      A `jax.Array` of `value`'s shape and dtype.
+    """
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put every leaf (parameters, optimiser state) on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Put every leaf (parameters, optimiser state, PRNG keys) on every device of the mesh.
+
+    On several processes each passes the same tree (as one seed makes it) and places only
+    its own devices' copies (`global_array`); on one it equals `jax.device_put`."""
+    sharding = NamedSharding(mesh, P())
+
+    def place(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = global_array(jax.random.key_data(x), sharding)  # keys as their uint32 data
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return global_array(x, sharding)
+
+    return jax.tree.map(place, tree)
 
 
 def sequence_parallel_attention(

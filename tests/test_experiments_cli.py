@@ -50,9 +50,18 @@ def a_file(tmp_path) -> Path:
         (["--task", "reverse", "--workdir", "{tmp}/w", "--set", "colour=red"], ["colour"]),
         (["--task", "reverse", "--workdir", "{tmp}/w", "--set", "num_heads=3"], ["num_heads"]),
         (["--task", "sentiment", "--workdir", "{tmp}/w", "--text", "{file}"], ["--text"]),
+        (["--task", "reverse", "--workdir", "{tmp}/w", "--process-id", "1"],
+         ["--process-id", "--distributed"]),
+        (["--task", "reverse", "--workdir", "{tmp}/w", "--distributed", "--coordinator", "host"],
+         ["--coordinator", "HOST:PORT"]),
+        (["--task", "reverse", "--workdir", "{tmp}/w", "--distributed", "--num-processes", "0"],
+         ["--num-processes"]),
+        (["--task", "reverse", "--workdir", "{tmp}/w", "--distributed", "--num-processes", "2",
+          "--process-id", "2"], ["--process-id", "0 to 1"]),
     ],
     ids=["unknown-task", "missing-text", "unwritable-workdir", "bad-value", "unknown-key",
-         "invalid-config", "text-for-wrong-task"],
+         "invalid-config", "text-for-wrong-task", "process-id-without-distributed",
+         "bad-coordinator", "no-processes", "process-id-out-of-range"],
 )  # fmt: skip
 def test_train_cli_bad_input_is_one_line_and_exit_2(args, needles, tmp_path, a_file):
     args = [a.format(tmp=tmp_path, file=a_file) for a in args]

@@ -30,7 +30,7 @@ class TrainConfig:
     export_examples: int = 8  # examples whose attention is exported at the end
     export_top_k: int = 0  # bounded export: keep the k largest weights per row (0: all)
     figures: bool = True  # draw figures/*.png at the end
-    data_parallel: int = 0  # devices on the 'data' mesh axis (0: every local device)
+    data_parallel: int = 0  # devices on the 'data' mesh axis (0: every device, all processes')
     mesh: str = ""  # a data x sequence mesh, e.g. "data=4,seq=2" (overrides data_parallel)
 
 

@@ -5,6 +5,13 @@ One run writes, under ``workdir``: ``metrics.jsonl`` (training and evaluation re
 (the attention of a few held-out examples, :mod:`flaxattn.export` format), ``figures/*.png``
 and ``results.json`` (the final metrics). Resuming continues from the latest checkpoint with
 no step lost or repeated; Ctrl-C saves a checkpoint before the program exits.
+
+On several processes (after ``jax.distributed.initialize()``) every process runs this same
+loop: every computation, checkpoints included (orbax coordinates the processes' writes), but
+only process 0 writes the metrics, the export, the figures and ``results.json`` and prints;
+the others run the export and the task's ``finish`` into a scratch directory they delete,
+since those compute on the global mesh too. ``workdir`` must be one directory that every
+process sees (a shared file system) for the checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +35,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flaxattn.sharding import RING, RingOrDense
+from flaxattn.sharding import RING, RingOrDense, replicate
 from flaxattn.train._checkpoint import Checkpointer
 from flaxattn.train._config import TrainConfig, validate_config
 from flaxattn.train._mesh import (
@@ -76,8 +84,8 @@ def init_state(task: Task, config: TrainConfig, mesh):
     tags = _rng_tags(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(config)
-    state = jax.device_put({"params": params, "opt_state": tx.init(params)}, replicated(mesh))
-    return graphdef, state, jax.device_put(rest, replicated(mesh)), tx, schedule, tags
+    state = replicate({"params": params, "opt_state": tx.init(params)}, mesh)
+    return graphdef, state, replicate(rest, mesh), tx, schedule, tags
 
 
 def _make_train_step(task: Task, graphdef, tx, tags: list[str], seed: int, mesh):
@@ -124,15 +132,18 @@ def lower_train_step(
     return train_step.lower(state, rest, batch, jnp.int32(step))
 
 
-def _record_attention(attention_fn: Any, step: int, writer: MetricsWriter) -> None:
+def _record_attention(
+    attention_fn: Any, step: int, writer: MetricsWriter | _NoMetrics, main: bool
+) -> None:
     """After the first step: how the training step's attention calls run (trace-time counts
-    of a RingOrDense), as a metrics record, and a warning for any that do not ring."""
+    of a RingOrDense), as a metrics record, and a warning (``main``: printed) for any that do
+    not ring."""
     if not isinstance(attention_fn, RingOrDense):
         return
     counts = dict(sorted(attention_fn.counts.items()))
     writer.write({"step": step, "split": "meta", "attention_train_step": counts})
     dense = {k: v for k, v in counts.items() if k != RING}
-    if dense:
+    if dense and main:
         print(f"attention: {sum(dense.values())} call(s) of the training step run without "
               f"the ring: {dense}", file=sys.stderr)  # fmt: skip
 
@@ -156,6 +167,16 @@ def _deferred_interrupt():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _NoMetrics:
+    """What processes other than 0 write metrics to: nothing."""
+
+    def write(self, record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -203,7 +224,8 @@ def train_and_evaluate(
 
     Returns:
       The final results: the last evaluation's metrics, ``step``, ``wall_seconds`` and the
-      paths written. They are also saved to ``workdir/results.json``.
+      paths written. They are also saved to ``workdir/results.json``. (On several processes,
+      only process 0 writes and prints; every process returns the same metrics.)
     """
     validate_config(config)
     if task is None:
@@ -213,6 +235,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    main = jax.process_index() == 0  # the process that writes files and prints
 
     mesh = make_mesh(config.data_parallel, config.mesh)
     if task.shard_batch:
@@ -236,7 +259,8 @@ def train_and_evaluate(
         if saved.get("config", {}).get("task") not in (None, config.task):
             raise ValueError(f"the checkpoint in {workdir} is for task {saved['config']['task']!r}")
         start = int(saved["step"])
-    truncate_metrics(metrics_path, start) if start else metrics_path.unlink(missing_ok=True)
+    if main:
+        truncate_metrics(metrics_path, start) if start else metrics_path.unlink(missing_ok=True)
 
     def meta(step: int) -> dict[str, Any]:
         return {
@@ -247,8 +271,8 @@ def train_and_evaluate(
         }
 
     train_step = _make_train_step(task, graphdef, tx, tags, config.seed, mesh)
-    run = Runner(graphdef, state["params"], rest)
-    writer = MetricsWriter(metrics_path)
+    run = Runner(graphdef, state["params"], rest, out_sharding=replicated(mesh))
+    writer = MetricsWriter(metrics_path) if main else _NoMetrics()
     if start == 0:
         writer.write(
             {
@@ -259,10 +283,11 @@ def train_and_evaluate(
                 "data": task.describe(),
                 "mesh": ",".join(f"{k}={v}" for k, v in mesh.shape.items()),
                 "platform": jax.devices()[0].platform,
+                "processes": jax.process_count(),
             }
         )
 
-    bar = _progress(config.steps, start, progress)
+    bar = _progress(config.steps, start, progress and main)
     last_eval: dict[str, Any] = {}
     step = start
     window_start, window_steps = time.perf_counter(), 0
@@ -273,7 +298,7 @@ def train_and_evaluate(
                 state, metrics = train_step(state, rest, batch, jnp.int32(step))
                 step += 1
                 if step == start + 1:  # traced and compiled by now
-                    _record_attention(task.attention_fn, step, writer)
+                    _record_attention(task.attention_fn, step, writer, main)
                 window_steps += 1
                 if step % max(config.log_every, 1) == 0 or step == config.steps:
                     metrics = jax.device_get(metrics)
@@ -300,7 +325,8 @@ def train_and_evaluate(
                     run.params = state["params"]
                     last_eval = task.evaluate(run)
                     writer.write({"step": step, "split": "eval", **last_eval})
-                    bar.write(_eval_line(step, last_eval))
+                    if main:
+                        bar.write(_eval_line(step, last_eval))
                 if ckpt.should_save(step):
                     ckpt.save(step, state, meta(step))
                 if on_step is not None:
@@ -312,7 +338,8 @@ def train_and_evaluate(
         ckpt.save(step, state, meta(step))
         ckpt.close()
         writer.close()
-        print(f"saved checkpoint at step {step} in {ckpt.directory}", file=sys.stderr)
+        if main:
+            print(f"saved checkpoint at step {step} in {ckpt.directory}", file=sys.stderr)
         raise
     except BaseException:
         bar.close()
@@ -325,23 +352,31 @@ def train_and_evaluate(
     run.params = state["params"]
     last_eval = task.evaluate(run)
     writer.write({"step": step, "split": "eval", "final": True, **last_eval})
-    print(_eval_line(step, last_eval), file=sys.stderr)
+    if main:
+        print(_eval_line(step, last_eval), file=sys.stderr)
     results: dict[str, Any] = {"task": config.task, "step": step, **last_eval}
-    export_path = task.export(run, workdir / EXPORT_FILE, meta(step) | {"task": config.task})
-    results.update(task.finish(run, workdir))
+    out = workdir if main else Path(tempfile.mkdtemp(prefix="flaxattn-scratch-"))
+    try:
+        export_path = task.export(run, out / EXPORT_FILE, meta(step) | {"task": config.task})
+        results.update(task.finish(run, out))
+    finally:
+        if not main:
+            shutil.rmtree(out, ignore_errors=True)
     writer.close()
     ckpt.close()
-    if export_path is not None:
+    if main and export_path is not None:
         results["attention_export"] = str(export_path)
-    if config.figures:
+    if main and config.figures:
         results["figures"] = [str(p) for p in draw_figures(workdir, export_path)]
     results["wall_seconds"] = time.perf_counter() - started
     results["devices"] = mesh.size
+    results["processes"] = jax.process_count()
     results["mesh"] = dict(mesh.shape)
     results["platform"] = jax.devices()[0].platform
     if isinstance(task.attention_fn, RingOrDense):  # every program of the run, traced calls
         results["attention"] = dict(sorted(task.attention_fn.counts.items()))
-    _write_json(workdir / RESULTS_FILE, results)
+    if main:
+        _write_json(workdir / RESULTS_FILE, results)
     return results
 
 

@@ -1,4 +1,4 @@
-"""Data (and sequence) parallelism with ``jax.sharding`` meshes over the local devices.
+"""Data (and sequence) parallelism with ``jax.sharding`` meshes over all devices.
 
 By default the mesh is 1-D, ``('data',)``: parameters and optimizer state are replicated and
 each batch is split along its leading (example) axis. ``mesh='data=D,seq=S'`` makes a 2-D
@@ -7,6 +7,11 @@ whose length ``S`` divides; XLA's SPMD partitioner propagates that sharding thro
 position-wise layers, and attention runs as ring attention over 'seq' (see
 :func:`attention_for_mesh`). ``jax.jit`` adds the gradient all-reduce, so the training step
 is the same program on one device or many, on CPU, GPU or TPU.
+
+Several processes (after ``jax.distributed.initialize()``, one per host) run the same code:
+the mesh spans ``jax.devices()``, every process's, so its sizes are global, and every process
+generates the same global batch from the seed, of which it places only the shards of its own
+devices (:func:`flaxattn.sharding.global_array`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxattn.sharding import sequence_parallel_attention
-
-DATA_AXIS = "data"
-SEQ_AXIS = "seq"
+from flaxattn.sharding import DATA_AXIS, SEQ_AXIS, global_array, sequence_parallel_attention
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -41,25 +43,36 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(num_devices: int = 0, spec: str = "") -> Mesh:
-    """The training mesh: ``('data',)`` over ``num_devices`` local devices (0: all of them),
-    or the ``('data', 'seq')`` mesh that ``spec`` (see :func:`parse_mesh`) describes."""
-    devices = jax.local_devices()
+    """The training mesh: ``('data',)`` over ``num_devices`` devices (0: all of them), or the
+    ``('data', 'seq')`` mesh that ``spec`` (see :func:`parse_mesh`) describes.
+
+    The devices are ``jax.devices()``: every process's after ``jax.distributed.initialize``
+    (the local ones otherwise). A mesh over several processes must use all their devices, so
+    that every process takes part in every step."""
+    devices = jax.devices()
+    where = f"{len(devices)} devices ({devices[0].platform}"
+    where += f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"
     if spec:
         axes = parse_mesh(spec)
         need = axes[DATA_AXIS] * axes[SEQ_AXIS]
         if need > len(devices):
-            raise ValueError(
-                f"mesh={spec!r} needs {need} devices but there are {len(devices)} local "
-                f"devices ({devices[0].platform})"
-            )
-        grid = np.array(devices[:need]).reshape(axes[DATA_AXIS], axes[SEQ_AXIS])
-        return Mesh(grid, (DATA_AXIS, SEQ_AXIS))
-    if num_devices < 0 or num_devices > len(devices):
+            raise ValueError(f"mesh={spec!r} needs {need} devices but there are {where}")
+        setting = f"mesh={spec!r}"
+    else:
+        if num_devices < 0 or num_devices > len(devices):
+            raise ValueError(f"data_parallel={num_devices} but there are {where}")
+        need = num_devices or len(devices)
+        axes = {DATA_AXIS: need}
+        setting = f"data_parallel={num_devices}"
+    if jax.process_count() > 1 and need != len(devices):
         raise ValueError(
-            f"data_parallel={num_devices} but there are {len(devices)} local devices "
-            f"({devices[0].platform})"
+            f"{setting} uses {need} of the {where}; a mesh over several processes must use "
+            "all of their devices"
         )
-    return Mesh(np.array(devices[: num_devices or len(devices)]), (DATA_AXIS,))
+    # jax.devices() lists each process's devices together, so neighbours on 'seq' (the ring's
+    # hops) share a process where 'seq' divides the local device count.
+    grid = np.array(devices[:need]).reshape(tuple(axes.values()))
+    return Mesh(grid, tuple(axes))
 
 
 def attention_for_mesh(mesh: Mesh) -> Callable[..., Any] | None:
@@ -103,10 +116,11 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, *, shard: bool = True):
-    """Device arrays of ``batch``: split over the mesh (see :func:`batch_sharding`), or
-    replicated."""
+    """Global arrays of the global ``batch`` (the same on every process): split over the mesh
+    (see :func:`batch_sharding`), or replicated. Each process places only the shards of its
+    own devices (:func:`flaxattn.sharding.global_array`)."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        out[k] = jax.device_put(v, batch_sharding(mesh, v.shape) if shard else replicated(mesh))
+        out[k] = global_array(v, batch_sharding(mesh, v.shape) if shard else replicated(mesh))
     return out

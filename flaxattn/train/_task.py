@@ -28,11 +28,20 @@ class Runner:
 
     The loop keeps parameters as ``nnx.State`` outside the model; a runner merges them into a
     fresh model inside ``jax.jit``, so evaluation and export reuse one compiled program per
-    function (and per set of static keyword arguments).
+    function (and per set of static keyword arguments). ``out_sharding`` (the loop passes
+    the mesh's replicated sharding) fixes where results go: replicated results can be read on
+    every process, also when the mesh spans several.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        rest: nnx.State,
+        out_sharding: jax.sharding.Sharding | None = None,
+    ):
         self.graphdef, self.params, self.rest = graphdef, params, rest
+        self.out_sharding = out_sharding
         self._compiled: dict[Any, Callable] = {}
 
     def model(self) -> nnx.Module:
@@ -47,7 +56,8 @@ class Runner:
             def call(params, rest, *args):
                 return fn(nnx.merge(graphdef, params, rest, copy=True), *args, **static)
 
-            self._compiled[key] = jax.jit(call)
+            placed = {} if self.out_sharding is None else {"out_shardings": self.out_sharding}
+            self._compiled[key] = jax.jit(call, **placed)
         return self._compiled[key](self.params, self.rest, *args)
 
 
