@@ -167,7 +167,7 @@ class _Prepared(NamedTuple):
 def _prepare(
     query, key, value, bias, mask, visibility, limits, scale, score_mod, mask_mod, block_sizes
 ) -> _Prepared:
-    """Validate nothing (the public entry did), pick the blocks, pad, and hoist the mods."""
+    """Pick the blocks, pad, and hoist the mods (the public entry has validated the inputs)."""
     visibility = Visibility() if visibility is None else visibility
     B, T, N, H = query.shape
     S, K, Hv = key.shape[1], key.shape[2], value.shape[3]
@@ -269,7 +269,8 @@ def blocked_attention(
         attention: the offset places these queries relative to these keys). Then
         `visibility` must carry no lengths.
       scale: logit multiplier (not differentiated).
-      score_mod: `(score, q_idx, kv_idx) -> score` on the local indices, after the bias.
+      score_mod: `(score, q_idx, kv_idx) -> score` on the indices into these `query` and
+        `key` arrays (not block-local; with `limits`, the piece's own), after the bias.
       mask_mod: `(q_idx, kv_idx) -> bool`, combined with the other masks by "and".
       block_sizes: `(block_q, block_k)`; default `default_block_sizes(T, S)`. Lengths that are
         not multiples are padded internally and the padding is masked.
