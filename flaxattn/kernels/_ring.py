@@ -296,6 +296,21 @@ def _as_heads(x: Array) -> Array:
     return x.reshape(x.shape[:2] + (-1, x.shape[4]))
 
 
+def _pair_options(
+    cfg: _Config, bias, mask, q_pos: Array, kv_pos: Array, t: int, s: int, limits: Limits
+) -> dict[str, Any]:
+    """The blocked kernel's keywords for one pair, forward and backward alike: its bias and
+    mask block, and the structured masks placed at the chunks' global positions."""
+    return dict(
+        bias=bias,
+        mask=mask,
+        visibility=cfg.visibility,
+        limits=_local_limits(cfg, q_pos[0], kv_pos[0], t, s, limits),
+        scale=cfg.scale,
+        mask_mod=_local_mask_mod(cfg, q_pos[0], kv_pos[0]),
+    )
+
+
 def _flash_forward(
     cfg: _Config,
     q: Float[Array, "B t K G H"],
@@ -317,12 +332,7 @@ def _flash_forward(
         _as_heads(q).astype(jnp.float32),  # out comes in q's dtype: float32 for the merge
         k,
         v,
-        bias=bias,
-        mask=mask,
-        visibility=cfg.visibility,
-        limits=_local_limits(cfg, q_pos[0], kv_pos[0], t, k.shape[1], limits),
-        scale=cfg.scale,
-        mask_mod=_local_mask_mod(cfg, q_pos[0], kv_pos[0]),
+        **_pair_options(cfg, bias, mask, q_pos, kv_pos, t, k.shape[1], limits),
     )  # [B, t, N, Hv], [B, N, t]
     return out.reshape(B, t, K, G, -1), lse.reshape(B, K, G, t)
 
@@ -354,13 +364,7 @@ def _flash_backward(
         _as_heads(lse),
         _as_heads(dout),
         _as_heads(dlse),
-        bias=bias,
-        mask=mask,
-        visibility=cfg.visibility,
-        limits=_local_limits(cfg, q_pos[0], kv_pos[0], t, k.shape[1], limits),
-        scale=cfg.scale,
-        mask_mod=_local_mask_mod(cfg, q_pos[0], kv_pos[0]),
-        block_sizes=None,
+        **_pair_options(cfg, bias, mask, q_pos, kv_pos, t, k.shape[1], limits),
     )
     return dq.reshape(B, t, K, G, H), dk, dv, dbias
 
