@@ -94,11 +94,11 @@ def measure_round(lengths: list[int], repeats: int) -> dict:
     the matmul that sets the ceiling (`time_interleaved`), so each ratio compares calls made
     under the same load."""
     result: dict = {"times": {}, "matmul_at": {}}
-    a = jnp.ones((MATMUL, MATMUL), jnp.float32)
+    matmul = compiled_call(lambda x: x @ x, jnp.ones((MATMUL, MATMUL), jnp.float32))[0]
     for T in lengths:
         q, k, v, do = inputs(T, 4)
         for pass_ in ("fwd", "fwd+bwd"):
-            calls = {"matmul": compiled_call(lambda x: x @ x, a)[0]}
+            calls = {"matmul": matmul}
             for causal in (False, True):
                 for name, make in (("blocked", blocked), ("xla", xla)):
                     fn, args = make(causal), (q, k, v)

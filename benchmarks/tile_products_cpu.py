@@ -59,15 +59,16 @@ def main() -> None:
         work = 2.0 * N * bq * bk * H
         qk = lambda q, k: jnp.einsum("nqh,nkh->nqk", q, k)
         pv = lambda p, v: jnp.einsum("nqk,nkh->nqh", p, v)
-        calls[bq, bk, "QKᵀ", "xla"] = compiled_call(qk, jnp.asarray(q), jnp.asarray(k))[0]
-        calls[bq, bk, "PV", "xla"] = compiled_call(pv, jnp.asarray(p), jnp.asarray(v))[0]
+        tile = {
+            (bq, bk, "QKᵀ", "xla"): compiled_call(qk, jnp.asarray(q), jnp.asarray(k))[0],
+            (bq, bk, "PV", "xla"): compiled_call(pv, jnp.asarray(p), jnp.asarray(v))[0],
+        }
         for name, (a, b) in (("QKᵀ", (q, k_t)), ("PV", (p, v))):
             torch_call = torch_bmm(a, b)
             if torch_call is not None:
-                calls[bq, bk, name, "torch"] = torch_call
-        for key in calls:
-            if isinstance(key, tuple) and key[:2] == (bq, bk):
-                flops[key] = work
+                tile[bq, bk, name, "torch"] = torch_call
+        calls.update(tile)
+        flops.update(dict.fromkeys(tile, work))
     timings = time_interleaved(calls, repeats=args.repeats)
     rate = {key: flops[key] / timings[key].median for key in calls}
     ceiling = rate.pop("matmul")

@@ -35,17 +35,9 @@ def time_jitted(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: in
     Returns:
       A `Timing`.
     """
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_seconds = time.perf_counter() - start
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times), min(times), max(times), len(times), compile_seconds)
+    call, compile_seconds = compiled_call(fn, *args)
+    timing = time_interleaved({"call": call}, repeats=repeats, warmup=warmup)["call"]
+    return dataclasses.replace(timing, compile_seconds=compile_seconds)
 
 
 def time_interleaved(
