@@ -10,13 +10,19 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
 import flaxattn
-from flaxattn.kernels._blocked import DEFAULT_BLOCK_Q, blocked_attention, default_block_sizes
+from flaxattn.kernels._blocked import (
+    DEFAULT_BLOCK_Q,
+    _prepare,
+    blocked_attention,
+    default_block_sizes,
+)
 from flaxattn.kernels._visibility import Visibility
 
 BLOCKS = (8, 16)
@@ -312,6 +318,68 @@ def test_low_precision_within_tolerance_of_float32(dtype):
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == dtype
         np.testing.assert_allclose(g.astype(jnp.float32), r, atol=5e-2, rtol=5e-2)
+
+
+SCALE_PLACEMENTS = [
+    # (case, scale, with bias, where _prepare puts the scale)
+    ("positive float: max on raw products", 0.3, False, "softmax"),
+    ("with a bias: scaled score tile", 0.3, True, "scores"),
+    ("negative float", -0.3, False, "scores"),
+    ("traced scale", jnp.float32(0.3), False, "scores"),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("case,scale,with_bias,placement", SCALE_PLACEMENTS,
+                         ids=[c[0] for c in SCALE_PLACEMENTS])
+def test_low_precision_scale_placements(dtype, case, scale, with_bias, placement):
+    """16-bit products take unscaled inputs; wherever the scale is then applied, the result is
+    the float32 attention of the same rounded inputs, forward and gradients."""
+    q, k, v = _inputs(T=21, S=35, dtype=dtype)
+    bias = None
+    if with_bias:
+        bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, 4, 21, 35)), dtype)
+    kw = dict(visibility=Visibility(is_causal=True), scale=scale, block_sizes=BLOCKS)
+    prepared = _prepare(q, k, v, bias, None, kw["visibility"], None, scale, None, None, BLOCKS)
+    assert prepared.plan.scale_at == placement and prepared.plan.dtype == dtype
+
+    out, lse, grads = _outputs_and_grads(
+        lambda q, k, v, *b: blocked_attention(q, k, v, bias=b[0] if b else None, **kw),
+        q, k, v, bias,
+    )
+    f32 = [None if x is None else x.astype(jnp.float32) for x in (q, k, v, bias)]
+    ref_out, ref_lse, ref_grads = _outputs_and_grads(
+        lambda q, k, v, *b: naive_attention(
+            q, k, v, bias=b[0] if b else None, scale=float(scale), causal=True
+        ),
+        *f32,
+    )
+    np.testing.assert_allclose(out.astype(jnp.float32), ref_out, atol=1e-2)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-3)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g.astype(jnp.float32), r, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_products_take_the_input_dtype_and_accumulate_in_float32(dtype):
+    """Every matmul of the forward and backward multiplies operands of the input dtype (16-bit
+    stays 16-bit: bf16 dots run on AMX or tensor cores) and accumulates in float32."""
+    q, k, v = _inputs(dtype=dtype)
+    f = lambda q, k, v: blocked_attention(q, k, v, scale=0.5, block_sizes=BLOCKS)[0].sum()
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    def dots(jaxpr, in_loop=False):  # the tile products: dots inside the block loops
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and in_loop:
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub, in_loop or eqn.primitive.name == "while")
+
+    found = list(dots(jaxpr.jaxpr))
+    assert len(found) >= 7  # forward: QKᵀ, PV; backward: QKᵀ, dV, dP, dK, dQ
+    for eqn in found:
+        assert [x.aval.dtype for x in eqn.invars] == [dtype, dtype], eqn
+        assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
 
 
 # ----------------------------------------------------------------------------- transformations

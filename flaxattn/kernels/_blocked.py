@@ -21,6 +21,10 @@ Design choices, each for speed on CPU (measured by benchmarks/blocked_cpu.py):
   structured masks leave fully visible, and no mask is built at all when nothing can be hidden.
   (Under a user's `jax.vmap` over the lengths JAX turns these into selects: still correct, with
   less skipping.)
+- 16-bit inputs (bf16, fp16) are multiplied in their own dtype, accumulating in float32, and
+  the weights are rounded to it for the `p v` products (as FlashAttention does on GPUs, and
+  PyTorch's CPU kernel): bf16 dots run on AMX units or tensor cores, about 3x float32 dots
+  on the AVX-512/AMX CPU. Scores, softmax and accumulators stay float32.
 - The backward is a `jax.custom_vjp` that recomputes each block from `q, k, v` and the saved
   logsumexp instead of storing `[T, S]` weights. Key blocks are outside and query blocks inside,
   so dK and dV accumulate in block-sized carries and only dQ (and dbias) are updated in place.
@@ -105,6 +109,8 @@ class _Plan:
     Hv: int
     bq: int
     bk: int
+    dtype: Any  # the products' operand dtype: the inputs' if 16-bit, else float32
+    scale_at: str  # where the logit scale applies: "query", "scores" or "softmax" (_scale_at)
     backward_blocks: tuple[int, int]  # the backward's (bq, bk): they divide T and S too
     visibility: Visibility  # is_causal / window / alignment only; lengths travel as Limits
     masking: str  # "never", "edges" (blocks the structured masks cut) or "always"
@@ -162,6 +168,31 @@ class _Prepared(NamedTuple):
     limits: Limits
     scale: Array
     mods: _Mods
+
+
+def _product_dtype(dtype: Any) -> Any:
+    """The products' operand dtype: 16-bit inputs (bf16, fp16) their own, with float32
+    accumulation, as FlashAttention on GPUs (bf16 dots use AMX or tensor cores); else float32."""
+    return dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
+
+
+def _scale_at(dtype: Any, scale: float | Array, bias: Array | None, score_mod) -> str:
+    """Where the logit scale is applied.
+
+    - "query": float32 products; the query block is scaled once per block (an `[M, H]`
+      multiply instead of an `[M, bk]` one per tile).
+    - "scores": 16-bit products stay exact products of the inputs (a scaled 16-bit query would
+      be rounded again), so the float32 score tile is scaled, before bias and score_mod.
+    - "softmax": as "scores", but with no bias or score_mod and a known positive scale the
+      row maximum is taken on the raw products and scaled after (`max(c·s) = c·max(s)` for
+      `c > 0`, rounding is monotone), so the scaling fuses into the exponential instead of
+      costing its own pass over the tile.
+    """
+    if dtype == jnp.float32:
+        return "query"
+    if bias is None and score_mod is None and isinstance(scale, float) and scale > 0:
+        return "softmax"
+    return "scores"
 
 
 def _prepare(
@@ -223,8 +254,10 @@ def _prepare(
     backward_blocks = (bq, bk)
     if block_sizes is None and score_mod is None and mask_mod is None:
         backward_blocks = _backward_blocks(Tp, Sp, bq, bk)
+    dtype = _product_dtype(query.dtype)
     plan = _Plan(
-        B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk, backward_blocks=backward_blocks,
+        B=B, T=Tp, S=Sp, K=K, G=G, H=H, Hv=Hv, bq=bq, bk=bk, dtype=dtype,
+        scale_at=_scale_at(dtype, scale, bias, score_mod), backward_blocks=backward_blocks,
         visibility=dataclasses.replace(visibility, q_lengths=None, kv_lengths=None),
         masking=masking, score_mod=converted_score_mod, mask_mod=converted_mask_mod,
     )
@@ -393,11 +426,24 @@ def _add_rows(x: Array, block: Array, b: Array, start: Array) -> Array:
     return lax.dynamic_update_slice(x, current + block[None], starts)
 
 
-def _heads_major(x: Array, K: int) -> Array:
-    """`[L, N, H]` -> `[K, G·L, H]` (the rows of one kv head's G query heads), float32."""
+def _heads_major(x: Array, K: int, dtype: Any) -> Array:
+    """`[L, N, H]` -> `[K, G·L, H]` (the rows of one kv head's G query heads) in `dtype`."""
     L, N, H = x.shape
-    x = x.astype(jnp.float32).reshape(L, K, N // K, H).transpose(1, 2, 0, 3)  # [K, G, L, H]
+    x = x.astype(dtype).reshape(L, K, N // K, H).transpose(1, 2, 0, 3)  # [K, G, L, H]
     return x.reshape(K, N // K * L, H)
+
+
+def _query_block(plan: _Plan, x: Array, scale: Array) -> Array:
+    """`[bq, N, H]` -> the `[K, G·bq, H]` query operand of the products, scaled if
+    `plan.scale_at == "query"`."""
+    qs = _heads_major(x, plan.K, plan.dtype)
+    return qs * scale if plan.scale_at == "query" else qs
+
+
+def _softmax_scores(plan: _Plan, s: Array, scale: Array) -> Array:
+    """The scores the softmax exponentiates: `_logits`' tile, scaled if
+    `plan.scale_at == "softmax"` (which left it unscaled)."""
+    return s * scale if plan.scale_at == "softmax" else s
 
 
 def _rows_major(x: Array, L: int) -> Array:
@@ -447,13 +493,14 @@ class _Block:
     limits: Limits
 
 
-def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bool,
+def _logits(plan: _Plan, qs, kb, scale, bias, mods: _Mods, mask, at: _Block, masked: bool,
             cols: bool = False):
     """One block's scores, hidden entries -inf; also, for the backward, the visible mask (or
     None) and score_mod's VJP (or None).
 
-    `qs` is the scaled query block `[K, G·bq, H]`, `kb` the key block `[K, bk, H]`. The tile is
-    `[K, G·bq, bk]` (rows: queries down, as the forward's softmax wants) or, with `cols`,
+    `qs` is the query block `[K, G·bq, H]` from `_query_block`, `kb` the key block `[K, bk, H]`
+    (both in `plan.dtype`); `scale` multiplies the scores if `plan.scale_at == "scores"`. The
+    tile is `[K, G·bq, bk]` (rows: queries down, as the forward's softmax wants) or, with `cols`,
     `[K, bk, G·bq]` (keys down: every backward matmul is then a plain or NT product, which are
     about twice as fast on CPU as products that contract a tile's leading axis).
     """
@@ -471,6 +518,8 @@ def _logits(plan: _Plan, qs, kb, bias, mods: _Mods, mask, at: _Block, masked: bo
         q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         orient = spread = lambda x: x
+    if plan.scale_at == "scores":
+        s = s * scale
     flat = s.shape
     if bias is not None:
         block = _broadcast_block(bias, plan, at.b, at.q_start, at.kv_start)
@@ -526,22 +575,27 @@ def _forward(plan: _Plan, q, k, v, bias, mask, limits, scale, mods: _Mods):
         b, i = index // plan.nq, index % plan.nq
         lim = _example_limits(limits, b)
         q_start = i * bq
-        qs = _heads_major(_rows(q, b, q_start, bq), K) * scale  # [K, M, H]
+        qs = _query_block(plan, _rows(q, b, q_start, bq), scale)  # [K, M, H]
 
         def body(j, carry):
             at = _Block(b, q_start, j * bk, lim)
 
             def step(carry, masked):
                 m, total, acc = carry
-                kb = _heads_major(_rows(k, b, at.kv_start, bk), K)  # [K, bk, H]
-                vb = _heads_major(_rows(v, b, at.kv_start, bk), K)  # [K, bk, Hv]
-                s, _, _ = _logits(plan, qs, kb, bias, mods, mask, at, masked)  # [K, M, bk]
-                m_new = jnp.maximum(m, s.max(axis=-1))
+                kb = _heads_major(_rows(k, b, at.kv_start, bk), K, plan.dtype)  # [K, bk, H]
+                vb = _heads_major(_rows(v, b, at.kv_start, bk), K, plan.dtype)  # [K, bk, Hv]
+                s, _, _ = _logits(plan, qs, kb, scale, bias, mods, mask, at, masked)  # [K, M, bk]
+                row_max = s.max(axis=-1)
+                if plan.scale_at == "softmax":
+                    row_max = row_max * scale
+                m_new = jnp.maximum(m, row_max)
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all hidden so far: keep 0s
-                p = jnp.exp(s - m_safe[..., None])
+                p = jnp.exp(_softmax_scores(plan, s, scale) - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 total = alpha * total + p.sum(axis=-1)
-                pv = jnp.einsum("kms,ksv->kmv", p, vb, preferred_element_type=jnp.float32)
+                pv = jnp.einsum(
+                    "kms,ksv->kmv", p.astype(plan.dtype), vb, preferred_element_type=jnp.float32
+                )
                 return m_new, total, alpha[..., None] * acc + pv
 
             return _masked_or_not(plan, step, at, carry)
@@ -596,9 +650,9 @@ def _backward(
         b, j = index // plan.nk, index % plan.nk
         lim = _example_limits(limits, b)
         kv_start = j * bk
-        kb = _heads_major(_rows(k, b, kv_start, bk), K)  # [K, bk, H]
+        kb = _heads_major(_rows(k, b, kv_start, bk), K, plan.dtype)  # [K, bk, H]
         k_t = kb.transpose(0, 2, 1)  # [K, H, bk]
-        vb = _heads_major(_rows(v, b, kv_start, bk), K)  # [K, bk, Hv]
+        vb = _heads_major(_rows(v, b, kv_start, bk), K, plan.dtype)  # [K, bk, Hv]
         needed = (hi[b] > lo[b]) & (lo[b] < kv_start + bk) & (hi[b] > kv_start)  # [nq]
         any_needed = needed.any()
         i_lo = jnp.where(any_needed, jnp.argmax(needed), 0)
@@ -613,13 +667,15 @@ def _backward(
 
             def step(carry, masked):
                 dk, dv, dconsts = carry
-                qs = _heads_major(_rows(q, b, at.q_start, bq), K) * scale  # [K, M, H]
-                do = _heads_major(_rows(d_out, b, at.q_start, bq), K)  # [K, M, Hv]
+                qs = _query_block(plan, _rows(q, b, at.q_start, bq), scale)  # [K, M, H]
+                do = _heads_major(_rows(d_out, b, at.q_start, bq), K, plan.dtype)  # [K, M, Hv]
                 s_t, visible, mod_vjp = _logits(
-                    plan, qs, kb, bias, mods, mask, at, masked, cols=True
+                    plan, qs, kb, scale, bias, mods, mask, at, masked, cols=True
                 )  # [K, bk, M]
-                p_t = jnp.exp(s_t - rows(lse, at.q_start))
-                dv = dv + jnp.einsum("ksm,kmv->ksv", p_t, do, preferred_element_type=jnp.float32)
+                p_t = jnp.exp(_softmax_scores(plan, s_t, scale) - rows(lse, at.q_start))
+                dv = dv + jnp.einsum(
+                    "ksm,kmv->ksv", p_t.astype(plan.dtype), do, preferred_element_type=jnp.float32
+                )
                 dp_t = jnp.einsum("ksv,kmv->ksm", vb, do, preferred_element_type=jnp.float32)
                 ds_t = p_t * (dp_t - rows(delta, at.q_start))
                 if mod_vjp is not None:
@@ -628,8 +684,9 @@ def _backward(
                     if visible is not None:  # hidden entries may hold anything, even NaN
                         ds_t = jnp.where(visible, ds_t, 0.0)
                     ds_t = ds_t.reshape(K, bk, G * bq)
-                dk = dk + jnp.einsum("ksm,kmh->ksh", ds_t, qs, preferred_element_type=jnp.float32)
-                dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_t, preferred_element_type=jnp.float32)
+                ds_p = ds_t.astype(plan.dtype)
+                dk = dk + jnp.einsum("ksm,kmh->ksh", ds_p, qs, preferred_element_type=jnp.float32)
+                dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_p, preferred_element_type=jnp.float32)
                 dq_block = (dq_t * scale).reshape(K, plan.H, G, bq).transpose(3, 0, 2, 1)
                 dbias_block = None if bias is None else _bias_block_grad(plan, ds_t, bias.shape)
                 return (dk, dv, dconsts), (dq_block.reshape(bq, plan.N, plan.H), dbias_block)
@@ -654,6 +711,8 @@ def _backward(
             dconsts,
         )
         dk, dv, dq, dbias, dconsts = lax.fori_loop(i_lo, i_hi, body, init)
+        if plan.scale_at != "query":  # the products used unscaled queries
+            dk = dk * scale
         dk = _rows_major(dk, bk)  # [bk, K, H]
         dv = _rows_major(dv, bk)  # [bk, K, Hv]
         return (dq, dbias, dconsts), (dk, dv)
