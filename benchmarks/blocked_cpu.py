@@ -42,6 +42,7 @@ from flaxattn.benchmarking import (
     attention_flops,
     compiled_call,
     compiled_temp_bytes,
+    square_matmul,
     time_interleaved,
 )
 
@@ -94,7 +95,7 @@ def measure_round(lengths: list[int], repeats: int) -> dict:
     the matmul that sets the ceiling (`time_interleaved`), so each ratio compares calls made
     under the same load."""
     result: dict = {"times": {}, "matmul_at": {}}
-    matmul = compiled_call(lambda x: x @ x, jnp.ones((MATMUL, MATMUL), jnp.float32))[0]
+    matmul = compiled_call(square_matmul, jnp.ones((MATMUL, MATMUL), jnp.float32))[0]
     for T in lengths:
         q, k, v, do = inputs(T, 4)
         for pass_ in ("fwd", "fwd+bwd"):

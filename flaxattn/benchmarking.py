@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +89,18 @@ def compiled_temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
+def square_matmul(x: Array) -> Array:
+    """`x @ x` accumulated and returned in float32, as attention's products are: on CPU a bf16
+    matmul with a bf16 result takes a path about 4x slower than with a float32 one (AMX), so a
+    bf16-result ceiling would flatter every 16-bit kernel."""
+    return jnp.matmul(x, x, preferred_element_type=jnp.float32)
+
+
 def matmul_flops_per_second(size: int = 2048, dtype: Any = jnp.float32, repeats: int = 5) -> float:
-    """Measured throughput of a `[size, size] @ [size, size]` matmul: the practical ceiling."""
+    """Measured throughput of a `[size, size] @ [size, size]` matmul (`square_matmul`): the
+    practical ceiling."""
     a = jnp.ones((size, size), dtype)
-    return 2 * size**3 / time_jitted(lambda x: x @ x, a, repeats=repeats).median
+    return 2 * size**3 / time_jitted(square_matmul, a, repeats=repeats).median
 
 
 def attention_flops(

@@ -250,3 +250,15 @@ def test_time_interleaved_alternates_the_calls():
     run, compile_seconds = compiled_call(lambda x: x * 2, np.ones(3, np.float32))
     np.testing.assert_array_equal(run(), np.full(3, 2.0))
     assert compile_seconds > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_matmul_ceiling_accumulates_in_float32(dtype):
+    # The ceiling is the matmul as attention's products do it: a float32 result, which on CPU
+    # is the fast (AMX) path for bf16 inputs; a bf16 result would understate the ceiling ~4x.
+    from flaxattn.benchmarking import square_matmul
+
+    x = jax.numpy.asarray(np.arange(9, dtype=np.float32).reshape(3, 3) / 8, dtype)
+    out = square_matmul(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.asarray(x, np.float32) @ np.asarray(x, np.float32))
