@@ -1,16 +1,4 @@
-"""Matplotlib figures of attention: heatmaps, layer x head grids, rollout, per-head statistics,
-text coloured by attention, and training curves.
-
-Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` and, given ``path``, also
-writes it there atomically (a temporary file, then ``os.replace``): PNG by default, PDF or SVG
-when the path ends in ``.pdf`` / ``.svg``. Figures are built with ``matplotlib.figure.Figure``
-(not pyplot), so this module neither selects a backend nor keeps figures alive; it works the
-same in scripts, on headless machines and in notebooks (where a returned Figure displays).
-
-Cells that are masked (padding, or ``False`` in a given mask) are drawn grey and hatched, so
-they are never confused with a weight of zero. Past about 40 tokens only every k-th token label
-is shown.
-"""
+"""The matplotlib figures of :mod:`flaxattn.viz` (see the package docstring)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,44 @@
+"""Matplotlib figures of attention: heatmaps, layer x head grids, rollout, per-head statistics,
+text coloured by attention, and training curves.
+
+Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` and, given ``path``, also
+writes it there atomically (a temporary file, then ``os.replace``): PNG by default, PDF or SVG
+when the path ends in ``.pdf`` / ``.svg``. Figures are built with ``matplotlib.figure.Figure``
+(not pyplot), so this module neither selects a backend nor keeps figures alive; it works the
+same in scripts, on headless machines and in notebooks (where a returned Figure displays).
+
+Cells that are masked (padding, or ``False`` in a given mask) are drawn grey and hatched, so
+they are never confused with a weight of zero. Past about 40 tokens only every k-th token label
+is shown.
+"""
+
+from flaxattn.viz._plots import (
+    FORMATS,
+    MASKED_COLOR,
+    MAX_LABELS,
+    PLOT_KINDS,
+    plot_attention_grid,
+    plot_export,
+    plot_head_stats,
+    plot_heatmap,
+    plot_rollout,
+    plot_text_attention,
+    plot_training_curves,
+    read_metrics,
+    save_figure,
+    text_attention_html,
+)
+
+__all__ = [
+    "FORMATS",
+    "plot_attention_grid",
+    "plot_export",
+    "plot_head_stats",
+    "plot_heatmap",
+    "plot_rollout",
+    "plot_text_attention",
+    "plot_training_curves",
+    "read_metrics",
+    "save_figure",
+    "text_attention_html",
+]
