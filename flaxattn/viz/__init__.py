@@ -31,6 +31,9 @@ from flaxattn.viz._plots import (
 
 __all__ = [
     "FORMATS",
+    "MASKED_COLOR",
+    "MAX_LABELS",
+    "PLOT_KINDS",
     "plot_attention_grid",
     "plot_export",
     "plot_head_stats",
