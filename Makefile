@@ -21,11 +21,15 @@ demo: $(STAMP)
 tour: $(STAMP)
 	$(PY) experiments/demo.py
 
+# Two pytest processes: the suite on 2 workers, then the tests that need 8 CPU devices (XLA
+# creates them only at start-up, so they cannot share a process with the others).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -m 'multidevice and not slow' --durations=5
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m ''
+	$(PY) -m pytest -q -n 2 -m 'not multidevice'
+	$(PY) -m pytest -q -m multidevice
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flaxattn experiments tests benchmarks

@@ -11,7 +11,7 @@ the VJP of a given output cotangent (as in training, where dO arrives from the l
 
 Each round measures everything once. For each length and pass, blocked, jax.nn and torch,
 causal and not, and the float32 matmul that sets the ceiling, are compiled and then called in
-alternation (`flaxattn.benchmarking.time_interleaved`: one warm-up round, then the median of
+alternation (`flaxattn.bench.time_interleaved`: one warm-up round, then the median of
 `--repeats` rounds), so every ratio compares calls made under the same load; the ratios are
 computed within the round. The report gives, for each figure, the median over rounds and the
 [min, max] range: the machine is shared, so absolute times are noisy and the ratios are what
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flaxattn
-from flaxattn.benchmarking import (
+from flaxattn.bench import (
     attention_flops,
     compiled_call,
     compiled_temp_bytes,

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/efficient_cpu.py --quick    # T up to 2048, for a smoke run
 
 Causal self-attention forward, float32, B=1, N=8, H=64, median of repeats after warm-up
-(`flaxattn.benchmarking`). Memory is XLA's compiled temporary bytes. Also reports each
+(`flaxattn.bench`). Memory is XLA's compiled temporary bytes. Also reports each
 variant's distance from exact softmax attention, and FAVOR+'s error against the number of
 random features. Absolute times on a shared machine are noisy: compare ratios within a run.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxattn import dot_product_attention
-from flaxattn.benchmarking import compiled_temp_bytes, time_jitted
+from flaxattn.bench import compiled_temp_bytes, time_jitted
 from flaxattn.kernels.efficient import (
     block_sparse_attention,
     favor_attention,

@@ -7,7 +7,7 @@ A flash-style forward spends most of its time in two batched products per block,
 (`[N, bq, H] x [N, bk, H]`, contraction H = 64) and `PV` (`[N, bq, bk] x [N, bk, H]`). This
 script times each product alone, as XLA:CPU compiles it, beside the same product in PyTorch
 (`torch.bmm`, MKL/oneDNN) and beside the square float32 matmul that the benchmarks use as the
-machine's ceiling, all called in alternation (`flaxattn.benchmarking.time_interleaved`) so that
+machine's ceiling, all called in alternation (`flaxattn.bench.time_interleaved`) so that
 they share the machine's load. The ratio of the XLA tile product to the ceiling bounds what
 any plain-JAX blocked kernel can reach before its softmax is counted.
 """
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.benchmarking import compiled_call, square_matmul, time_interleaved
+from flaxattn.bench import compiled_call, square_matmul, time_interleaved
 
 N, H = 8, 64
 TILES = ((512, 256), (1024, 128), (1024, 256), (2048, 256))

@@ -5,35 +5,36 @@ A training loop needs four things, all here:
     mesh = make_mesh(data=2, seq=4)                     # 8 devices: axes ('data', 'seq')
     params = replicate(params, mesh)                    # every device holds the parameters
     batch = shard_batch(batch, mesh)                    # [B, T, ...]: B on 'data', T on 'seq'
-    attention_fn = sequence_parallel_attention(mesh)    # ring attention over 'seq', B on 'data'
+    attention = ring_attention_fn(mesh, "seq", batch_axis="data", layout="zigzag")
 
 and then the same `jax.jit`-ed step as on one device: XLA inserts the gradient all-reduce over
 'data' and 'seq', and attention is the only place where tokens of different shards meet (all
 other layers are position-wise). With `seq=1` the attention function is plain
 `dot_product_attention`, so nothing changes for data parallelism alone. A model that also
-decodes or exports (shapes the ring cannot take) uses `sequence_parallel_attention(mesh,
-fallback=True)`: ring where it can, `dot_product_attention` elsewhere, each call counted.
+decodes or exports (shapes the ring cannot take) uses `ring_attention_fn(..., fallback=True)`:
+ring where it can, `dot_product_attention` elsewhere, each call counted.
+`mesh_attention(mesh)` gives that for a `make_mesh` mesh (what training uses).
 
 Multi-host: call `jax.distributed.initialize()` first on every process. `make_mesh` then spans
 all processes' devices, and `shard_batch` assembles the global batch from each process's
 local slice (`jax.make_array_from_process_local_data`), so the loop is the same code. Where
 every process holds the whole batch instead (generated from the same seed, as in
-`flaxattn.train`), `global_array` places it: each process puts only its own devices' shards.
+`flaxattn.train`), `shard_batch(..., whole=True)` places it: each process puts only its own
+devices' shards (`global_array`).
 """
 
 from __future__ import annotations
 
-import collections
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from flaxattn.kernels import dot_product_attention
-from flaxattn.kernels._ring import make_ring_attention_fn
+from flaxattn.kernels import dot_product_attention, ring_attention_fn
 
 DATA_AXIS = "data"
 SEQ_AXIS = "seq"
@@ -42,7 +43,7 @@ SEQ_AXIS = "seq"
 def make_mesh(
     data: int | None = None, seq: int = 1, *, devices: Sequence[Any] | None = None
 ) -> Mesh:
-    """A `('data', 'seq')` mesh of `data × seq` devices (`jax.make_mesh`, Auto axes).
+    """A `('data', 'seq')` mesh of `data × seq` devices (Auto axes): the one mesh maker.
 
     Args:
       data: size of the data-parallel axis; default all devices divided by `seq`.
@@ -51,32 +52,58 @@ def make_mesh(
         `jax.distributed.initialize`).
 
     Returns:
-      A `jax.sharding.Mesh` with axis names `('data', 'seq')`.
+      A `jax.sharding.Mesh` with axis names `('data', 'seq')`. `jax.devices()` lists each
+      process's devices together, so neighbours on 'seq' (the ring's hops) share a process
+      where 'seq' divides the local device count.
+
+    Raises:
+      ValueError: sizes that are not positive ints, more devices than there are, or (with
+        several processes) a mesh that leaves some process's devices out.
     """
     devices = list(jax.devices() if devices is None else devices)
+    where = f"{len(devices)} devices ({devices[0].platform}"
+    where += f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"
     if not isinstance(seq, (int, np.integer)) or seq < 1:
         raise ValueError(f"seq must be a positive int, got {seq!r}.")
     if data is None:
         if len(devices) % seq:
             raise ValueError(
-                f"seq={seq} does not divide the number of devices ({len(devices)}); pass data "
+                f"seq={seq} does not divide the number of devices, {where}; pass data "
                 "explicitly or pick another seq."
             )
         data = len(devices) // seq
     if not isinstance(data, (int, np.integer)) or data < 1:
         raise ValueError(f"data must be a positive int, got {data!r}.")
-    if data * seq > len(devices):
+    need = data * seq
+    if need > len(devices):
         raise ValueError(
-            f"a mesh of data={data} × seq={seq} needs {data * seq} devices, but only "
-            f"{len(devices)} are available (on CPU, set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={data * seq} before importing jax)."
+            f"a mesh of data={data} × seq={seq} needs {need} devices, but there are {where} "
+            f"(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={need} before "
+            "importing jax)."
         )
-    return jax.make_mesh(
-        (data, seq),
-        (DATA_AXIS, SEQ_AXIS),
-        axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=devices[: data * seq],
-    )
+    if jax.process_count() > 1 and need != len(devices):
+        raise ValueError(
+            f"a mesh of data={data} × seq={seq} uses {need} of the {where}; a mesh over several "
+            "processes must use all of their devices, so that every process takes part."
+        )
+    grid = np.array(devices[:need]).reshape(data, seq)
+    return Mesh(grid, (DATA_AXIS, SEQ_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+SequenceSharding = Literal["shard", "replicate", "where_divisible"]
+
+
+def batch_sharding(
+    mesh: Mesh, shape: tuple[int, ...], *, sequence: SequenceSharding = "shard"
+) -> NamedSharding:
+    """The sharding of one `[B, T, ...]` leaf: `B` on 'data' and, by `sequence`, `T` on 'seq'
+    (`'shard'`: always, rank >= 2; `'replicate'`: never; `'where_divisible'`: where the
+    mesh's 'seq' size divides `T`)."""
+    spec = batch_spec(len(shape), shard_sequence=sequence != "replicate")
+    seq = mesh.shape.get(SEQ_AXIS, 1)
+    if sequence == "where_divisible" and len(shape) >= 2 and shape[1] % seq:
+        spec = P(DATA_AXIS)
+    return NamedSharding(mesh, spec)
 
 
 def batch_spec(ndim: int, *, shard_sequence: bool = True) -> P:
@@ -88,34 +115,48 @@ def batch_spec(ndim: int, *, shard_sequence: bool = True) -> P:
     return P(DATA_AXIS, SEQ_AXIS)
 
 
-def shard_batch(batch: Any, mesh: Mesh, *, shard_sequence: bool = True) -> Any:
-    """Place a pytree of `[B, T, ...]` arrays on the mesh: `B` on 'data', `T` on 'seq'.
+def shard_batch(
+    batch: Any,
+    mesh: Mesh,
+    *,
+    shard_sequence: bool = True,
+    sequence: SequenceSharding | None = None,
+    whole: bool = False,
+) -> Any:
+    """Place a pytree of `[B, T, ...]` arrays on the mesh: `B` on 'data', `T` on 'seq': the one
+    batch placer.
 
-    Rank-1 leaves (per-example labels, lengths) are sharded on 'data' only. On several
-    processes each one passes its local slice of the batch (`B / process_count` rows) and
-    gets the global array.
+    Rank-1 leaves (per-example labels, lengths) are sharded on 'data' only.
 
     Args:
       batch: pytree of arrays with the batch axis first.
       mesh: from `make_mesh`.
-      shard_sequence: also shard axis 1 over 'seq' (False: replicate it).
+      shard_sequence: shard axis 1 over 'seq' (False: replicate it); `sequence` overrides it.
+      sequence: `'shard'`, `'replicate'` or `'where_divisible'` (see `batch_sharding`).
+      whole: every process holds the whole global batch (generated from one seed, as in
+        `flaxattn.train`) and places only its own devices' shards. Default: each process
+        passes its local slice (`B / process_count` rows) and gets the global array.
 
     Returns:
       The same pytree of `jax.Array`s with `NamedSharding`s.
     """
+    if sequence is None:
+        sequence = "shard" if shard_sequence else "replicate"
 
     def place(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        spec = batch_spec(x.ndim, shard_sequence=shard_sequence)
-        for axis, name in enumerate(spec):
+        sharding = batch_sharding(mesh, x.shape, sequence=sequence)
+        processes = 1 if whole else jax.process_count()
+        for axis, name in enumerate(sharding.spec):
             size = mesh.shape[name]
-            local = x.shape[axis] * (jax.process_count() if axis == 0 else 1)
-            if local % size:
+            length = x.shape[axis] * (processes if axis == 0 else 1)
+            if length % size:
                 raise ValueError(
                     f"shard_batch: axis {axis} of a leaf with shape {tuple(x.shape)} has "
-                    f"global size {local}, not divisible by mesh axis {name!r} of size {size}."
+                    f"global size {length}, not divisible by mesh axis {name!r} of size {size}."
                 )
-        sharding = NamedSharding(mesh, spec)
+        if whole:
+            return global_array(x, sharding)
         if jax.process_count() > 1:
             return jax.make_array_from_process_local_data(sharding, x)
         return jax.device_put(x, sharding)
@@ -158,113 +199,53 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree)
 
 
-def sequence_parallel_attention(
-    mesh: Mesh, *, layout: str = "zigzag", fallback: bool = False
-) -> Callable[..., Any]:
-    """An `attention_fn` for the modules: ring attention over 'seq', batch on 'data'.
+def mesh_attention(mesh: Mesh, *, layout: str = "zigzag") -> Callable[..., Any]:
+    """The attention function of a model on a `make_mesh` mesh.
 
-    With a 'seq' axis of size 1 it is `dot_product_attention` itself (nothing to ring).
+    With a 'seq' axis of size > 1, ring attention over 'seq' with the batch on 'data', falling
+    back to `dot_product_attention` for the calls the ring cannot take (KV-cache decoding,
+    weights, dropout, shapes the layout cannot split; see `ring_attention_fn`), each call
+    counted in its `counts`. Otherwise `dot_product_attention` itself: nothing to ring.
 
     Args:
-      mesh: from `make_mesh` (or any mesh with a 'seq' and a 'data' axis).
-      layout: ring layout (`'zigzag'` balances causal work; see `ring_attention`).
-      fallback: False: every call is ring attention, and a call the ring cannot take
-        raises `make_ring_attention_fn`'s ValueError. True: a `RingOrDense`, which rings
-        the calls the ring can take and runs the others with `dot_product_attention`,
-        counting each kind in its `counts` (for a model that also decodes, exports or
-        evaluates at other shapes).
+      mesh: a mesh with 'data' and 'seq' axes.
+      layout: the ring layout (`'zigzag'` balances causal work).
 
     Returns:
       A function with `dot_product_attention`'s signature.
     """
     if SEQ_AXIS not in mesh.shape:
         raise ValueError(
-            f"sequence_parallel_attention needs a mesh with a {SEQ_AXIS!r} axis, got axes "
-            f"{dict(mesh.shape)}."
+            f"mesh_attention needs a mesh with a {SEQ_AXIS!r} axis, got axes {dict(mesh.shape)}."
         )
     if mesh.shape[SEQ_AXIS] == 1:
         return dot_product_attention
-    if fallback:
-        return RingOrDense(mesh, layout=layout)
-    return make_ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS)
+    return ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS, fallback=True)
 
 
-RING = "ring"  # the key of ring calls in `RingOrDense.counts`
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"flaxattn.sharding.{old} is deprecated and will be removed in flaxattn 0.3; use "
+        f"{new} (see CHANGELOG.md).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
-class RingOrDense:
-    """An `attention_fn` that runs ring attention where it can, else `dot_product_attention`.
+def sequence_parallel_attention(
+    mesh: Mesh, *, layout: str = "zigzag", fallback: bool = False
+) -> Callable[..., Any]:
+    """Deprecated: `ring_attention_fn(mesh, 'seq', batch_axis='data', layout=layout,
+    fallback=fallback)` (or `mesh_attention(mesh)` for the fallback)."""
+    _deprecated("sequence_parallel_attention", "flaxattn.ring_attention_fn / mesh_attention")
+    if mesh.shape.get(SEQ_AXIS, 1) == 1:
+        return dot_product_attention
+    return ring_attention_fn(
+        mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS, fallback=fallback
+    )
 
-    The policy, decided per call from static shapes and options (so at trace time, and the
-    same for every execution of a compiled program): ring attention over 'seq' (batch on
-    'data') unless one of these holds, in which case the call runs `dot_product_attention`
-    with all its arguments, on whatever sharding its inputs have:
 
-    - `implementation`, `score_mod`, `dropout_rate > 0` or `return_weights` is given: only
-      the single-device kernels have them;
-    - the batch `B` is not a multiple of the 'data' axis size;
-    - the query length `T` or the key length `S` is not a multiple of what the layout needs
-      (`P` for contiguous, `2P` for zigzag, `P²` for striped; `P` the 'seq' size), as in
-      KV-cache decoding (`T = 1`) or a cross-attention to a short source;
-    - a `local_window_size` side reaches `S` (the ring asks for a smaller window).
-
-    Both paths compute the same function (tested in tests/test_ring.py), so the choice only
-    changes speed and memory, never results. Nothing is silent: `counts` holds, per traced
-    call, `'ring'` or `'dense: <reason>'`, and the training loop writes them to the run's
-    metrics. Shapes the ring cannot take at all still reach `dot_product_attention`'s own
-    checks, and `make_ring_attention_fn` stays strict for direct users.
-
-    Args:
-      mesh: a mesh with 'seq' (size > 1) and 'data' axes.
-      layout: ring layout, see `ring_attention`.
-
-    Attributes:
-      counts: `collections.Counter` of traced calls by path (`'ring'`, `'dense: ...'`).
-    """
-
-    def __init__(self, mesh: Mesh, *, layout: str = "zigzag"):
-        self.mesh = mesh
-        self.layout = layout
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._ring = make_ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS)
-
-    def __repr__(self) -> str:
-        return f"RingOrDense(mesh={dict(self.mesh.shape)}, layout={self.layout!r})"
-
-    def dense_reason(self, query: Any, key: Any, **kwargs: Any) -> str | None:
-        """Why a call with these arguments cannot ring (None: it can).
-
-        Args:
-          query: `[B, T, N, H]` or `[T, N, H]`.
-          key: `[B, S, K, H]` or `[S, K, H]`.
-          **kwargs: `dot_product_attention`'s keyword arguments.
-        """
-        for name in ("implementation", "score_mod"):
-            if kwargs.get(name) is not None:
-                return f"{name} given"
-        if kwargs.get("dropout_rate", 0.0) > 0.0:
-            return "attention dropout"
-        if kwargs.get("return_weights", False):
-            return "return_weights"
-        B = query.shape[0] if query.ndim == 4 else 1
-        T, S = query.shape[-3], key.shape[-3]
-        data = self.mesh.shape.get(DATA_AXIS, 1)
-        if B % data:
-            return f"batch {B} not a multiple of {DATA_AXIS}={data}"
-        P_ = self.mesh.shape[SEQ_AXIS]
-        parts = {"zigzag": 2 * P_, "striped": P_ * P_}.get(self.layout, P_)
-        for name, length in (("T", T), ("S", S)):
-            if length % parts:
-                return f"{name}={length} not a multiple of {parts} ({self.layout}, seq={P_})"
-        window = kwargs.get("local_window_size")
-        if window is not None and max(np.atleast_1d(window)) >= S:
-            return f"local_window_size {window} reaches S={S}"
-        return None
-
-    def __call__(self, query, key, value, bias=None, mask=None, **kwargs):
-        """`dot_product_attention(query, key, value, bias, mask, **kwargs)`, by ring if it can."""
-        reason = self.dense_reason(query, key, **kwargs)
-        self.counts[RING if reason is None else f"dense: {reason}"] += 1
-        if reason is None:
-            return self._ring(query, key, value, bias, mask, **kwargs)
-        return dot_product_attention(query, key, value, bias, mask, **kwargs)
+def RingOrDense(mesh: Mesh, *, layout: str = "zigzag") -> Callable[..., Any]:
+    """Deprecated: `ring_attention_fn(mesh, 'seq', batch_axis='data', fallback=True)`."""
+    _deprecated("RingOrDense", "flaxattn.ring_attention_fn(..., fallback=True)")
+    return ring_attention_fn(mesh, SEQ_AXIS, layout=layout, batch_axis=DATA_AXIS, fallback=True)

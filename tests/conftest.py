@@ -7,6 +7,8 @@ modules that want strict shapes opt in with
 
 from __future__ import annotations
 
+import os
+import re
 import types
 
 import jax
@@ -141,3 +143,29 @@ def oracle() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         attention=np_attention, visibility=np_visibility, qkv=make_qkv, tol=TOLERANCES
     )
+
+
+# --- Several CPU devices (the `multidevice` tests) ----------------------------------------
+
+
+def pytest_configure(config):
+    """A session that selects the `multidevice` tests gets 8 CPU devices: XLA reads the flag
+    when its CPU client starts, which is after this hook (importing jax does not start it)."""
+    expression = config.getoption("markexpr") or ""
+    if re.search(r"(?<!not )\bmultidevice\b", expression) and "device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+
+@pytest.fixture
+def devices8() -> list:
+    """The 8 CPU devices of a `multidevice` session; a clear failure without them."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.fail(
+            "this test needs 8 devices: run it as `pytest -m multidevice` (or set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8); `make test` does."
+        )
+    return devices

@@ -18,6 +18,7 @@ from flaxattn.bench import (
     PRESETS,
     RECORD_FIELDS,
     Implementation,
+    attention_flops,
     block_sparse_implementation,
     format_table,
     load_records,
@@ -28,7 +29,6 @@ from flaxattn.bench import (
     run_sweep,
 )
 from flaxattn.bench._implementations import window_pattern
-from flaxattn.benchmarking import attention_flops
 from flaxattn.kernels.efficient import bigbird_block_layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ def test_records_are_json_serialisable(tiny):
 def test_time_interleaved_alternates_the_calls():
     # The calls run in alternation (A, B, A, B, ...), warm-up rounds first, and each one's
     # times are its own: a slow call's median is not the fast one's.
-    from flaxattn.benchmarking import compiled_call, time_interleaved
+    from flaxattn.bench import compiled_call, time_interleaved
 
     order: list[str] = []
 
@@ -256,7 +256,7 @@ def test_time_interleaved_alternates_the_calls():
 def test_matmul_ceiling_accumulates_in_float32(dtype):
     # The ceiling is the matmul as attention's products do it: a float32 result, which on CPU
     # is the fast (AMX) path for bf16 inputs; a bf16 result would understate the ceiling ~4x.
-    from flaxattn.benchmarking import square_matmul
+    from flaxattn.bench import square_matmul
 
     x = jax.numpy.asarray(np.arange(9, dtype=np.float32).reshape(3, 3) / 8, dtype)
     out = square_matmul(x)

@@ -19,9 +19,9 @@ from jax.test_util import check_grads
 import flaxattn
 from flaxattn.kernels._blocked import (
     DEFAULT_BLOCK_Q,
-    _prepare,
     blocked_attention,
     default_block_sizes,
+    prepare,
 )
 from flaxattn.kernels._visibility import Visibility
 
@@ -242,16 +242,16 @@ def test_long_unmasked_forward_blocks_and_separate_backward_blocks(monkeypatch):
     # The default blocks of a long unmasked call are tall (forward) and the backward re-blocks
     # to its own defaults: shrink the tuned sizes so this path runs at a small T, with a bias
     # so dbias is accumulated on the backward's blocks.
-    from flaxattn.kernels import _blocked
+    from flaxattn.kernels._blocked import _setup
 
-    monkeypatch.setattr(_blocked, "LONG_UNMASKED_FROM", 64)
-    monkeypatch.setattr(_blocked, "LONG_UNMASKED_BLOCKS", (64, 16))
-    monkeypatch.setattr(_blocked, "DEFAULT_BLOCK_Q", 32)
-    monkeypatch.setattr(_blocked, "DEFAULT_BLOCK_K", 32)
-    assert _blocked.default_block_sizes(128, 96, masked=False) == (64, 16)
-    assert _blocked.default_block_sizes(128, 96, masked=True) == (32, 32)
-    assert _blocked._backward_blocks(128, 96, 64, 16) == (32, 32)
-    assert _blocked._backward_blocks(128, 80, 64, 16) == (32, 16)  # 32 does not divide 80
+    monkeypatch.setattr(_setup, "LONG_UNMASKED_FROM", 64)
+    monkeypatch.setattr(_setup, "LONG_UNMASKED_BLOCKS", (64, 16))
+    monkeypatch.setattr(_setup, "DEFAULT_BLOCK_Q", 32)
+    monkeypatch.setattr(_setup, "DEFAULT_BLOCK_K", 32)
+    assert _setup.default_block_sizes(128, 96, masked=False) == (64, 16)
+    assert _setup.default_block_sizes(128, 96, masked=True) == (32, 32)
+    assert _setup._backward_blocks(128, 96, 64, 16) == (32, 32)
+    assert _setup._backward_blocks(128, 80, 64, 16) == (32, 16)  # 32 does not divide 80
     q, k, v = _inputs(B=1, T=128, S=96, N=2, K=1)
     bias = jnp.asarray(0.1 * np.random.default_rng(3).standard_normal((1, 2, 128, 96)), jnp.float32)
     _compare(q, k, v, bias, block_sizes=None)
@@ -340,8 +340,8 @@ def test_low_precision_scale_placements(dtype, case, scale, with_bias, placement
     if with_bias:
         bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, 4, 21, 35)), dtype)
     kw = dict(visibility=Visibility(is_causal=True), scale=scale, block_sizes=BLOCKS)
-    prepared = _prepare(q, k, v, bias, None, kw["visibility"], None, scale, None, None, BLOCKS)
-    assert prepared.plan.scale_at == placement and prepared.plan.dtype == dtype
+    prepared = prepare(q, k, v, bias, None, kw["visibility"], None, scale, None, None, BLOCKS)
+    assert prepared.tiling.scale_at == placement and prepared.tiling.dtype == dtype
 
     out, lse, grads = _outputs_and_grads(
         lambda q, k, v, *b: blocked_attention(q, k, v, bias=b[0] if b else None, **kw),
@@ -477,7 +477,7 @@ def test_compiled_temp_memory_grows_linearly():
         )[0]
         fn = fwd if not backward else lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do)
         args = (x,) * (4 if backward else 3)
-        # As flaxattn.benchmarking.compiled_temp_bytes, with the fast-compile options (they
+        # As flaxattn.bench.compiled_temp_bytes, with the fast-compile options (they
         # leave buffer assignment, hence the figure, unchanged).
         return _jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 

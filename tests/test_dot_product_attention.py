@@ -406,7 +406,7 @@ def test_attention_general_score_per_head(rng, oracle):
     mask = jnp.asarray(rng.random((B, 1, T, S)) < 0.7)
     lengths = jnp.array([6, 3], jnp.int32)
     out, w = jax.jit(
-        lambda q, k, v, W, mask: flaxattn.attention(
+        lambda q, k, v, W, mask: flaxattn.scored_attention(
             q, k, v, mask=mask, score_fn=general_score, score_params=(W,), is_causal=True,
             key_value_seq_lengths=lengths, return_weights=True,
         )
@@ -427,7 +427,7 @@ def test_attention_cosine_score_with_per_head_temperature(rng, oracle):
     q, k, v = oracle.qkv(rng, B, T, S, N, K, D)
     temps = jnp.array([0.5, 0.1])
     out = jax.jit(
-        lambda q, k, v: flaxattn.attention(
+        lambda q, k, v: flaxattn.scored_attention(
             q, k, v, score_fn=cosine_score, score_params=(temps,), local_window_size=(1, 1)
         )
     )(q, k, v)
@@ -439,7 +439,7 @@ def test_attention_cosine_score_with_per_head_temperature(rng, oracle):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
     # Default score_fn: the scaled dot product, same as dot_product_attention.
     np.testing.assert_allclose(
-        _jit(flaxattn.attention, is_causal=True)(q, k, v),
+        _jit(flaxattn.scored_attention, is_causal=True)(q, k, v),
         _jit(flaxattn.dot_product_attention, is_causal=True)(q, k, v),
         atol=1e-6, rtol=1e-6,
     )

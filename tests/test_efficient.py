@@ -300,7 +300,7 @@ def test_local_memory_is_linear_in_T(method):
 
 def test_local_errors():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="local_attention needs local_window_size"):
+    with pytest.raises(ValueError, match="implementation='local' needs local_window_size"):
         local_attention(q, k, v)
     with pytest.raises(
         ValueError,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import flaxattn
-from flaxattn.kernels import additive_score, soft_cap_score_mod
+from flaxattn.kernels import _single_head, additive_score, soft_cap_score_mod
 
 pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
 
@@ -179,8 +179,8 @@ CASES = {
     ),
     "unknown_implementation": case(
         lambda q, k, v: dpa(q, k, v, implementation="flash"), ValueError,
-        r"implementation must be one of \['reference', 'blocked', 'pallas', 'xla', 'cudnn'\], "
-        r"got 'flash'",
+        r"implementation must be one of \['reference', 'blocked', 'pallas', 'xla', 'cudnn', "
+        r"'linear', 'favor', 'block_sparse', 'local', 'ring'\], got 'flash'",
     ),
     "bad_causal_alignment": case(
         lambda q, k, v: dpa(q, k, v, is_causal=True, causal_alignment="center"), ValueError,
@@ -222,13 +222,14 @@ CASES = {
     # Implementations that cannot do what is asked.
     "weights_with_blocked": case(
         lambda q, k, v: dpa(q, k, v, implementation="blocked", return_weights=True), ValueError,
-        r"implementation='blocked' never forms the \[T, S\] weights, so it supports neither "
-        r"return_weights nor dropout_rate",
+        r"implementation='blocked' does not support return_weights; implementations that do: "
+        r"reference\.",
     ),
     "dropout_with_blocked": case(
         lambda q, k, v, key: dpa(q, k, v, implementation="blocked", dropout_rate=0.1,
                                  dropout_key=key),
-        ValueError, r"implementation='blocked' never forms", key=jax.random.key(0),
+        ValueError, r"implementation='blocked' does not support dropout_rate; implementations "
+        r"that do: reference\.", key=jax.random.key(0),
     ),
     "xla_with_score_mod": case(
         lambda q, k, v: dpa(q, k, v, implementation="xla", score_mod=soft_cap_score_mod(5.0)),
@@ -266,7 +267,7 @@ CASES = {
     ),
     # attention() and additive_attention().
     "score_params_wrong_heads": case(
-        lambda q, k, v, w: flaxattn.attention(
+        lambda q, k, v, w: flaxattn.scored_attention(
             q, k, v, score_fn=flaxattn.kernels.general_score, score_params=(w,)),
         ValueError,
         r"score_params\[0\] must have a leading heads axis of size N=4, got shape \(2, 8, 8\)",
@@ -278,16 +279,16 @@ CASES = {
         wq=ones(N, H, 3), wk=ones(N, H, 3), we=ones(3),
     ),
     "attention_head_dims_default_score": case(
-        lambda q, k, v: flaxattn.attention(q, k[..., :3], v), ValueError,
+        lambda q, k, v: flaxattn.scored_attention(q, k[..., :3], v), ValueError,
         r"key head_dim must equal query head_dim \(8\)",
     ),
     "attention_bad_mask": case(
-        lambda q, k, v, mask: flaxattn.attention(
+        lambda q, k, v, mask: flaxattn.scored_attention(
             q, k, v, mask=mask, score_fn=functools.partial(additive_score)), TypeError,
         r"mask must be boolean", mask=ones(T, S),
     ),
     "attention_dropout_without_key": case(
-        lambda q, k, v: flaxattn.attention(q, k, v, dropout_rate=0.5), ValueError,
+        lambda q, k, v: flaxattn.scored_attention(q, k, v, dropout_rate=0.5), ValueError,
         r"needs an explicit PRNG key in dropout_key",
     ),
 }
@@ -317,7 +318,7 @@ def test_single_head_dropout_is_checked(qkv):
     with pytest.raises(ValueError, match=r"needs an explicit PRNG key in dropout_key"):
         flaxattn.kernels.single_head_attention(q, k, v, dropout_rate=0.5)
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
-        flaxattn.kernels.attention_parts(q, k, v, dropout_rate=1.5, dropout_key=jax.random.key(0))
+        _single_head.attention_parts(q, k, v, dropout_rate=1.5, dropout_key=jax.random.key(0))
 
 
 def test_valid_edge_inputs_are_accepted(qkv):

@@ -19,8 +19,7 @@ import pytest
 import flaxattn
 from flaxattn.kernels import prefix_lm_mask_mod, soft_cap_score_mod
 from flaxattn.kernels._pallas import pallas_attention
-from flaxattn.kernels._pallas._tiles import TileMath, key_blocks, query_blocks
-from flaxattn.kernels._visibility import Limits, Visibility
+from flaxattn.kernels._visibility import Visibility
 
 
 def naive_attention(q, k, v, *, scale, causal=False, alignment="top_left", window=None,
@@ -236,59 +235,29 @@ _DOCUMENT_IDS = jnp.arange(16) // 4
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(bias=jnp.zeros((1, 1, 16, 16))), "dense bias"),
-        (dict(mask=jnp.ones((1, 1, 16, 16), bool)), "dense mask"),
-        (dict(mask_mod=lambda q, k: k < _DOCUMENT_IDS[q]), "mask_mod"),
-        (dict(block_sizes=(8,)), "block_sizes"),
-        (dict(backend="cuda"), "backend"),
+        (dict(bias=jnp.zeros((1, 1, 16, 16))), "implementation='pallas' does not support bias"),
+        (dict(mask=jnp.ones((1, 1, 16, 16), bool)),
+         "implementation='pallas' does not support mask"),
+        (dict(mask_mod=lambda q, k: k < _DOCUMENT_IDS[q]),
+         "implementation='pallas' does not support a score_mod or mask_mod that closes over "
+         "arrays"),
+        (dict(block_sizes=(8,)), r"block_sizes must be a \(block_q, block_k\) pair"),
     ],
-    ids=["bias", "mask", "mask_mod capturing an array", "block_sizes", "backend"],
+    ids=["bias", "mask", "mask_mod capturing an array", "block_sizes"],
 )
 def test_unsupported_arguments_raise_value_errors_naming_them(kwargs, message):
     q, k, v, _ = _inputs(Case("errors"))
     with pytest.raises(ValueError, match=message):
-        pallas_attention(q, k, v, visibility=Visibility(), scale=0.25, **kwargs)
+        flaxattn.dot_product_attention(q, k, v, scale=0.25, implementation="pallas", **kwargs)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pallas_attention(q, k, v, visibility=Visibility(), scale=0.25, backend="cuda")
 
 
 def test_public_entry_point_rejects_dense_mask_for_pallas():
     q, k, v, _ = _inputs(Case("errors"))
-    with pytest.raises(ValueError, match="dense mask"):
+    with pytest.raises(ValueError, match="implementation='pallas' does not support mask"):
         flaxattn.dot_product_attention(q, k, v, mask=jnp.ones((16, 16), bool),
                                        implementation="pallas")
-
-
-@pytest.mark.parametrize("vis", [
-    Visibility(),
-    Visibility(is_causal=True),
-    Visibility(is_causal=True, causal_alignment="bottom_right"),
-    Visibility(window=(5, 2)),
-    Visibility(is_causal=True, window=(9, 0), causal_alignment="bottom_right"),
-], ids=["full", "causal", "causal bottom-right", "window", "causal window bottom-right"])
-@pytest.mark.parametrize("with_mask_mod", [False, True], ids=["", "mask_mod"])
-def test_block_ranges_cover_visible_blocks_and_full_blocks_are_full(vis, with_mask_mod):
-    """Skipped blocks hold no visible key, and "full" blocks (no mask applied) are all visible."""
-    T, S, bq, bk = 40, 48, 8, 16
-    math_ = TileMath(vis, 1.0, mask_mod=(lambda q, k: q >= 0) if with_mask_mod else None)
-    q_idx, k_idx = np.arange(T)[:, None], np.arange(S)[None, :]
-    for q_len, kv_len in [(40, 48), (17, 48), (40, 30), (5, 0), (40, 3)]:
-        offset = kv_len - q_len if vis.causal_alignment == "bottom_right" else 0
-        limits = Limits(jnp.int32(q_len), jnp.int32(kv_len), jnp.int32(offset))
-        seen = np.asarray(vis.visible(q_idx, k_idx, limits))  # [T, S]
-        tiles = seen.reshape(T // bq, bq, S // bk, bk)
-        for i in range(T // bq):
-            lo, hi, full_lo, full_hi = map(
-                int, key_blocks(math_, jnp.int32(i * bq), bq, bk, limits))
-            any_seen = tiles[i].any(axis=(0, 2))
-            assert not any_seen[:lo].any() and not any_seen[hi:].any()
-            assert tiles[i][:, full_lo:full_hi].all()
-        for j in range(S // bk):
-            lo, hi, full_lo, full_hi = map(
-                int, query_blocks(math_, jnp.int32(j * bk), bk, bq, limits))
-            any_seen = tiles[:, :, j].any(axis=(1, 2))
-            assert not any_seen[:lo].any() and not any_seen[hi:].any()
-            assert tiles[full_lo:full_hi, :, j].all()
-            if with_mask_mod:
-                assert full_lo == full_hi
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,9 @@ from flaxattn.kernels import (
     relative_bias_score_mod,
     soft_cap_score_mod,
 )
-from flaxattn.kernels import attention_parts as _attention_parts
 from flaxattn.kernels import attention_weights as _attention_weights
 from flaxattn.kernels import single_head_attention as _single_head_attention
+from flaxattn.kernels._single_head import attention_parts as _attention_parts
 
 pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
 

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -30,6 +26,7 @@ from flaxattn.train import (
     TrainConfig,
     default_config,
     export_checkpoint,
+    lower_train_step,
     train_and_evaluate,
     truncate_metrics,
 )
@@ -165,106 +162,89 @@ def test_mesh_settings_are_checked(tmp_path):
         _standin_run(tmp_path, dataclasses.replace(STANDIN, mesh="seq=2"))
 
 
-_SHARDED = textwrap.dedent(
-    """
-    import os, sys, dataclasses, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, numpy as np, orbax.checkpoint as ocp
-    from flaxattn.train import default_config, lower_train_step, train_and_evaluate
-    assert jax.local_device_count() == 8, jax.devices()
-    out, text = sys.argv[1], sys.argv[2]
-    base = dataclasses.replace(
-        default_config("charlm"), text=text, steps=3, batch_size=8, log_every=1, eval_every=0,
-        checkpoint_every=0, eval_examples=4, export_examples=0, num_samples=0, figures=False,
-        context=16, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout_rate=0.1)
-    runs = {"one": dict(data_parallel=1), "data4": dict(data_parallel=4),
-            "data2xseq4": dict(mesh="data=2,seq=4")}
-    params, losses = {}, {}
-    for name, change in runs.items():
-        train_and_evaluate(dataclasses.replace(base, **change), f"{out}/{name}", progress=False)
-        state = ocp.StandardCheckpointer().restore(f"{out}/{name}/checkpoints/3/state")
-        params[name] = state["params"]
-        records = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
-        losses[name] = [r["loss"] for r in records if r["split"] == "train"]
-        attention = [r["attention_train_step"] for r in records if "attention_train_step" in r]
-        # collective_permute: ring attention's ppermute of K/V blocks in the step's program
-        permutes = lower_train_step(dataclasses.replace(base, **change)).as_text().count(
-            "collective_permute")
-        print(name, "ATTENTION", json.dumps(attention).replace(" ", ""), "PERMUTES", permutes)
-    for name in ("data4", "data2xseq4"):
-        diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                            params["one"], params[name])
-        flat = [(jax.tree_util.keystr(p), d)
-                for p, d in jax.tree_util.tree_flatten_with_path(diff)[0]]
-        key_bias = max(d for p, d in flat if "['key']['bias']" in p)
-        others = max(d for p, d in flat if "['key']['bias']" not in p)
-        loss = float(np.max(np.abs(np.subtract(losses["one"], losses[name]))))
-        print(name, "PARAMS", others, "KEYBIAS", key_bias, "LOSS", loss)
-    """
-)
-
-
-def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(tmp_path):
+@pytest.mark.multidevice
+def test_data_and_sequence_parallel_on_cpu_devices_match_one_device(devices8, tmp_path):
     """4 'data' devices, and a 2 x 4 'data' x 'seq' mesh, train as one device does; with the
     'seq' axis the training step runs ring attention (collective permutes of K/V)."""
     text = tmp_path / "corpus.txt"
     text.write_text("a small corpus for a sharded run. " * 20, encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), str(text)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    attention = {
-        line.split()[0]: (json.loads(line.split()[2]), int(line.split()[4]))
-        for line in proc.stdout.splitlines()
-        if "ATTENTION" in line
-    }
+    base = dataclasses.replace(
+        default_config("charlm"), text=str(text), steps=3, batch_size=8, log_every=1,
+        eval_every=0, checkpoint_every=0, eval_examples=4, export_examples=0, num_samples=0,
+        figures=False, context=16, d_model=16, num_heads=2, num_layers=1, d_ff=32,
+        dropout_rate=0.1,
+    )
+    runs = {"one": dict(data_parallel=1), "data4": dict(data_parallel=4),
+            "data2xseq4": dict(mesh="data=2,seq=4")}  # fmt: skip
+    params, losses, attention, permutes = {}, {}, {}, {}
+    for name, change in runs.items():
+        config = dataclasses.replace(base, **change)
+        train_and_evaluate(config, tmp_path / name, progress=False)
+        params[name] = ocp.StandardCheckpointer().restore(
+            tmp_path / name / "checkpoints" / "3" / "state"
+        )["params"]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        losses[name] = [r["loss"] for r in records if r["split"] == "train"]
+        attention[name] = [r["attention_train_step"] for r in records
+                           if "attention_train_step" in r]  # fmt: skip
+        # collective_permute: ring attention's ppermute of K/V blocks in the step's program
+        permutes[name] = lower_train_step(config).as_text().count("collective_permute")
     # A 'seq' axis runs the self-attention as a ring (one layer: one call, traced once);
-    # without one there is no RingOrDense to record and no collective permute.
-    assert attention["data2xseq4"][0] == [{"ring": 1}], proc.stdout
-    assert attention["data2xseq4"][1] > 0, proc.stdout
-    assert attention["one"] == ([], 0) and attention["data4"] == ([], 0), proc.stdout
-    lines = [line.split() for line in proc.stdout.splitlines() if "PARAMS" in line]
-    assert [line[0] for line in lines] == ["data4", "data2xseq4"]
-    for _, _, params_diff, _, key_bias_diff, _, loss_diff in lines:
-        assert float(loss_diff) < 1e-5, proc.stdout  # the loss curves agree
-        assert float(params_diff) < 1e-6, proc.stdout
+    # without one there is no ring attention_fn to record and no collective permute.
+    assert attention["data2xseq4"] == [{"ring": 1}] and permutes["data2xseq4"] > 0
+    assert attention["one"] == attention["data4"] == []
+    assert permutes["one"] == permutes["data4"] == 0
+    for name in ("data4", "data2xseq4"):
+        diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                            params["one"], params[name])  # fmt: skip
+        flat = [(jax.tree_util.keystr(p), d)
+                for p, d in jax.tree_util.tree_flatten_with_path(diff)[0]]  # fmt: skip
+        key_bias = max(d for p, d in flat if "['key']['bias']" in p)
+        others = max(d for p, d in flat if "['key']['bias']" not in p)
+        assert np.max(np.abs(np.subtract(losses["one"], losses[name]))) < 1e-5, name
+        assert others < 1e-6, name
         # The key bias has a gradient that is mathematically zero (softmax ignores a constant
         # shift): Adam turns its rounding noise into steps of a fraction of the learning
         # rate (3e-3 here), which differ with the reduction order.
-        assert float(key_bias_diff) < 1e-3, proc.stdout
+        assert key_bias < 1e-3, name
 
 
-def test_ring_or_dense_rings_what_it_can_and_names_why_not():
+def test_mesh_attention_rings_what_it_can_and_names_why_not():
     """The policy of the training attention on a data=2 x seq=4 mesh, from shapes alone."""
     from jax.sharding import AbstractMesh
 
     from flaxattn import dot_product_attention
-    from flaxattn.sharding import RingOrDense, sequence_parallel_attention
+    from flaxattn.kernels._ring import RingAttentionFn
+    from flaxattn.sharding import mesh_attention
 
     mesh = AbstractMesh((2, 4), ("data", "seq"))
-    attention = sequence_parallel_attention(mesh, fallback=True)
-    assert isinstance(attention, RingOrDense)
+    attention = mesh_attention(mesh)
+    assert isinstance(attention, RingAttentionFn) and attention.fallback
     q = np.zeros((2, 16, 2, 4), np.float32)  # [B, T, N, H]
+    zigzag = "layout='zigzag' on mesh axis 'seq' of size 4 needs the"
     cases = {  # (query, key, keywords) -> reason (None: ring)
         "T=S=16": ((q, q, {}), None),
         "cross, T=16, S=8": ((q, q[:, :8], {}), None),
-        "decode, T=1": ((q[:, :1], q, {}), "T=1 not a multiple of 8 (zigzag, seq=4)"),
-        "S=12": ((q, q[:, :12], {}), "S=12 not a multiple of 8 (zigzag, seq=4)"),
-        "B=1": ((q[:1], q[:1], {}), "batch 1 not a multiple of data=2"),
+        "decode, T=1": ((q[:, :1], q, {}), f"{zigzag} query length T=1 to be a multiple of 8"),
+        "S=12": ((q, q[:, :12], {}), f"{zigzag} key/value length S=12 to be a multiple of 8"),
+        "B=1": ((q[:1], q[:1], {}),
+                "batch_axis='data' has 2 shards, which does not divide the batch size B=1"),
         "named kernel": ((q, q, {"implementation": "blocked"}), "implementation given"),
-        "dropout": ((q, q, {"dropout_rate": 0.1}), "attention dropout"),
-        "weights": ((q, q, {"return_weights": True}), "return_weights"),
-        "window": ((q, q, {"local_window_size": 16}), "local_window_size 16 reaches S=16"),
+        "dropout": ((q, q, {"dropout_rate": 0.1, "dropout_key": jax.random.key(0)}),
+                    "dropout_rate given"),
+        "weights": ((q, q, {"return_weights": True}), "return_weights given"),
+        "window": ((q, q, {"local_window_size": 16}),
+                   "local_window_size=(16, 16) is larger than the sequence (S=16)"),
     }  # fmt: skip
     for name, ((query, key, kwargs), reason) in cases.items():
-        assert attention.dense_reason(query, key, **kwargs) == reason, name
-    contiguous = RingOrDense(mesh, layout="contiguous")  # P, not 2P, divides the lengths
-    assert contiguous.dense_reason(q[:, :12], q[:, :4]) is None
-    assert sequence_parallel_attention(AbstractMesh((2, 1), ("data", "seq"))) is (
-        dot_product_attention
-    )
+        got = attention.dense_reason(query, key, **kwargs)
+        assert (got is None) if reason is None else got.startswith(reason), (name, got)
+    contiguous = flaxattn.ring_attention_fn(mesh, "seq", batch_axis="data", fallback=True)
+    assert contiguous.dense_reason(q[:, :12], q[:, :4]) is None  # P, not 2P, divides the lengths
+    assert mesh_attention(AbstractMesh((2, 1), ("data", "seq"))) is dot_product_attention
     with pytest.raises(ValueError, match="needs a mesh with a 'seq' axis"):
-        sequence_parallel_attention(AbstractMesh((2,), ("data",)), fallback=True)
+        mesh_attention(AbstractMesh((2,), ("data",)))
 
 
 # ----------------------------------------------------------------------------- every task

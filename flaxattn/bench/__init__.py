@@ -14,6 +14,14 @@
   with statuses `ok`, `oom`, `unsupported`, `skipped` (memory or time budget) and
   `error: ...`.
 * `format_table` and `plot_records`: the terminal / markdown table and the PNG plots.
+* Timing, shared by every benchmark script (`benchmarks/*.py`): `time_jitted` (jit, warm up,
+  block, median of repeats), `time_interleaved` (peers called in alternation so ratios share
+  the load), `compiled_call`, `compiled_temp_bytes`, `square_matmul` /
+  `matmul_flops_per_second` (the machine's ceiling) and `attention_flops`.
+
+`IMPLEMENTATIONS` holds the benchmark's entries: the kernel registry's implementations
+(`from_registry`: description, dtypes, platforms and memory read from
+`flaxattn.kernels.implementations()`) plus peers that are not flaxattn's (flax.linen, flax.nnx).
 """
 
 from flaxattn.bench._implementations import (
@@ -23,6 +31,7 @@ from flaxattn.bench._implementations import (
     Where,
     block_sparse_implementation,
     favor_implementation,
+    from_registry,
     local_implementation,
     register,
 )
@@ -35,6 +44,16 @@ from flaxattn.bench._runner import (
     run_sweep,
 )
 from flaxattn.bench._sweep import PASSES, PRESETS, Point, Sweep, check_sweep, points
+from flaxattn.bench._timing import (
+    Timing,
+    attention_flops,
+    compiled_call,
+    compiled_temp_bytes,
+    matmul_flops_per_second,
+    square_matmul,
+    time_interleaved,
+    time_jitted,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -45,17 +64,26 @@ __all__ = [
     "Pattern",
     "Point",
     "Sweep",
+    "Timing",
     "Where",
+    "attention_flops",
     "block_sparse_implementation",
     "check_sweep",
+    "compiled_call",
+    "compiled_temp_bytes",
     "device_name",
     "favor_implementation",
     "format_table",
+    "from_registry",
     "load_records",
     "local_implementation",
+    "matmul_flops_per_second",
     "missing_fields",
     "plot_records",
     "points",
     "register",
     "run_sweep",
+    "square_matmul",
+    "time_interleaved",
+    "time_jitted",
 ]

@@ -111,10 +111,38 @@ def _flaxattn(implementation: str) -> AttentionFn:
     return fn
 
 
-def _jax_nn(implementation: str) -> AttentionFn:
-    return lambda q, k, v, *, causal: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation=implementation
+def from_registry(implementation: str, fn: AttentionFn | None = None, **fields) -> Implementation:
+    """The benchmark entry of `flaxattn.kernels`' `implementation`: its description, what it
+    supports and where it runs are read from the kernel registry, not restated here.
+
+    Args:
+      implementation: a registered implementation's name.
+      fn: the call to time (default `dot_product_attention(..., implementation=name)`).
+      **fields: other `Implementation` fields (`name`, `description`, `pattern`, ...).
+    """
+    from flaxattn.kernels import get_implementation
+
+    name = implementation
+    impl = get_implementation(name)
+
+    def unavailable(where: Where) -> str | None:
+        why = impl.unavailable(where.platform)
+        if why is None and where.dtype not in impl.dtypes:
+            why = f"implementation={name!r} takes {sorted(impl.dtypes)}, not {where.dtype}"
+        if why is None and impl.interpreted(where.platform) and not where.allow_interpret:
+            why = (
+                f"implementation={name!r} runs interpreted on {where.platform} (a correctness "
+                "check, not a timing): --preset tiny"
+            )
+        return why
+
+    defaults = dict(
+        name=name, fn=fn or _flaxattn(name), description=impl.description,
+        quadratic_memory=impl.quadratic_memory, unavailable=unavailable,
+        interpreted=lambda where: impl.interpreted(where.platform),
+        approximate=impl.kind == "approximate",
     )
+    return Implementation(**{**defaults, **fields})
 
 
 def _flax_linen(q, k, v, *, causal):
@@ -132,20 +160,6 @@ def _flax_nnx(q, k, v, *, causal):
     from flax import nnx
 
     return nnx.dot_product_attention(q, k, v, is_causal=causal)
-
-
-def _pallas_unavailable(where: Where) -> str | None:
-    if where.platform == "cpu" and not where.allow_interpret:
-        return "Pallas runs on CPU only in interpret mode (a correctness check): --preset tiny"
-    return None
-
-
-def _cudnn_unavailable(where: Where) -> str | None:
-    if where.platform != "gpu" or "nvidia" not in where.device_kind.lower():
-        return "cuDNN attention needs an NVIDIA GPU"
-    if where.dtype not in ("bfloat16", "float16"):
-        return f"cuDNN attention takes bfloat16 or float16, not {where.dtype}"
-    return None
 
 
 def window_pattern(window: int) -> Pattern:
@@ -188,10 +202,10 @@ def local_implementation(window: int, name: str | None = None) -> Implementation
         w = min(window, k.shape[1] - 1)
         return local_attention(q, k, v, is_causal=causal, local_window_size=(w, w))
 
-    return Implementation(
-        name or f"local_w{window}", fn,
-        f"flaxattn.local_attention, window min({window}, S - 1) each side (left only if "
-        "causal): exact on the window, O(T·w)",
+    return from_registry(
+        "local", fn, name=name or f"local_w{window}",
+        description=f"flaxattn.local_attention, window min({window}, S - 1) each side (left "
+        "only if causal): exact on the window, O(T·w)",
         pattern=window_pattern(window),
     )
 
@@ -206,10 +220,10 @@ def block_sparse_implementation(
 
         return block_sparse_attention(q, k, v, is_causal=causal, block_size=block_size, **bigbird)
 
-    return Implementation(
-        name or f"block_sparse_b{block_size}", fn,
-        f"flaxattn.block_sparse_attention, BigBird global+window+random blocks of {block_size}: "
-        "exact on the layout",
+    return from_registry(
+        "block_sparse", fn, name=name or f"block_sparse_b{block_size}",
+        description=f"flaxattn.block_sparse_attention, BigBird global+window+random blocks of "
+        f"{block_size}: exact on the layout",
         pattern=block_layout_pattern(block_size, **bigbird),
     )
 
@@ -240,38 +254,19 @@ def favor_implementation(num_features: int, name: str | None = None) -> Implemen
         projection = _favor_projection(num_features, q.shape[-1])
         return favor_attention(q, k, v, is_causal=causal, projection=projection)
 
-    return Implementation(
-        name or f"favor_m{num_features}", fn,
-        f"flaxattn.favor_attention, {num_features} orthogonal random features (seed 0): "
-        "approximates softmax",
-        approximate=True,
+    return from_registry(
+        "favor", fn, name=name or f"favor_m{num_features}",
+        description=f"flaxattn.favor_attention, {num_features} orthogonal random features "
+        "(seed 0): approximates softmax",
     )
 
 
 for _impl in (
-    Implementation(
-        "reference", _flaxattn("reference"),
-        "flaxattn's single-head kernel vmapped over heads (materialises [T, S])",
-        quadratic_memory=True,
-    ),
-    Implementation(
-        "blocked", _flaxattn("blocked"),
-        "flaxattn's flash-style plain-JAX kernel: online softmax, skipped blocks, custom VJP",
-    ),
-    Implementation(
-        "pallas", _flaxattn("pallas"),
-        "flaxattn's Pallas flash attention (Triton on GPU, Mosaic on TPU; interpreted on CPU)",
-        unavailable=_pallas_unavailable,
-        interpreted=lambda where: where.platform == "cpu",
-    ),
-    Implementation(
-        "xla", _jax_nn("xla"), "jax.nn.dot_product_attention(implementation='xla')",
-        quadratic_memory=True,
-    ),
-    Implementation(
-        "cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')",
-        unavailable=_cudnn_unavailable,
-    ),
+    from_registry("reference"),
+    from_registry("blocked"),
+    from_registry("pallas"),
+    from_registry("xla"),
+    from_registry("cudnn"),
     Implementation(
         "flax_linen", _flax_linen,
         "flax.linen.dot_product_attention (kv heads repeated for GQA, dense causal mask)",
@@ -282,11 +277,7 @@ for _impl in (
         "flax.nnx.dot_product_attention (delegates to jax.nn with implementation=None)",
         quadratic_memory=True,
     ),
-    Implementation(
-        "linear", _linear,
-        "flaxattn.linear_attention, φ = elu + 1 (Katharopoulos et al.): a different model, O(T)",
-        approximate=True,
-    ),
+    from_registry("linear", _linear),
     favor_implementation(256, name="favor"),
     local_implementation(256, name="local"),
     block_sparse_implementation(64, name="block_sparse"),

@@ -29,7 +29,7 @@ import numpy as np
 from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Pattern, Where
 from flaxattn.bench._reference import reference_forward, reference_gradients
 from flaxattn.bench._sweep import Point, Sweep, check_sweep, points
-from flaxattn.benchmarking import (
+from flaxattn.bench._timing import (
     attention_flops,
     compiled_temp_bytes,
     matmul_flops_per_second,

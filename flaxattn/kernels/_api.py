@@ -1,42 +1,19 @@
 """Public batched entry points: `dot_product_attention` (a drop-in for jax.nn's),
-`attention` (any score function) and `additive_attention` (Bahdanau)."""
+`scored_attention` (any score function) and `additive_attention` (Bahdanau)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
-from flaxattn.kernels import _validate as V
+from flaxattn.kernels import _registry
+from flaxattn.kernels._call import Result, finish, prepare
 from flaxattn.kernels._reference import reference_attention
-from flaxattn.kernels._scores import ScoreFn, additive_score, scaled_dot_product_score
+from flaxattn.kernels._scores import ScoreFn, additive_score
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
-from flaxattn.kernels._visibility import CAUSAL_ALIGNMENTS, Visibility
-
-Implementation = Literal["reference", "blocked", "pallas", "xla", "cudnn"]
-IMPLEMENTATIONS = ("reference", "blocked", "pallas", "xla", "cudnn")
-# Below this many keys the blocked kernel's loop overhead outweighs the [T, S] it saves.
-BLOCKED_MIN_KV_LENGTH = 256
-
-
-def choose_implementation(
-    *, kv_length: int, needs_weights: bool, dropout: bool, backend: str | None = None
-) -> str:
-    """The rule that `implementation=None` follows; cheap and deterministic.
-
-    1. Returning weights or applying dropout needs the `[T, S]` weights: `'reference'`.
-    2. Fewer than `BLOCKED_MIN_KV_LENGTH` keys: `'reference'` (one fused softmax is fastest).
-    3. Otherwise `'blocked'`: O(T) memory, skips masked blocks, on every backend.
-    """
-    del backend  # Same rule on every backend until an accelerator kernel is preferred.
-    if needs_weights or dropout:
-        return "reference"
-    if kv_length < BLOCKED_MIN_KV_LENGTH:
-        return "reference"
-    return "blocked"
 
 
 def dot_product_attention(
@@ -51,7 +28,7 @@ def dot_product_attention(
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
-    implementation: Implementation | None = None,
+    implementation: str | None = None,
     return_residual: bool = False,
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     score_mod: ScoreMod | None = None,
@@ -80,8 +57,10 @@ def dot_product_attention(
       query_seq_lengths: `[B]` int; rows past the length are output 0.
       key_value_seq_lengths: `[B]` int; keys past the length are hidden.
       local_window_size: `w` or `(left, right)`: each query sees keys in `[pos-left, pos+right]`.
-      implementation: `'reference'`, `'blocked'`, `'pallas'`, `'xla'`, `'cudnn'`, or `None`
-        for the rule in `choose_implementation`.
+      implementation: the name of a registered implementation (`'reference'`, `'blocked'`,
+        `'pallas'`, `'xla'`, `'cudnn'`, ...; see `flaxattn.kernels.implementations()`), or
+        `None` for the rule in `choose_implementation`. One that cannot do what the call asks
+        raises a `ValueError` naming the feature.
       return_residual: also return the logsumexp `[B, T, N]` (as jax.nn does).
       causal_alignment: `'top_left'` (jax.nn's default: query i is at key i) or
         `'bottom_right'` (the last valid query is at the last valid key, for decoding with a
@@ -91,102 +70,25 @@ def dot_product_attention(
       dropout_rate: dropout on the weights (needs `dropout_key`).
       dropout_key: PRNG key for dropout.
       return_weights: also return the weights `[B, N, T, S]` (float32, after dropout).
-      block_sizes: `(block_q, block_k)` for `'blocked'`; default chosen by shape.
+      block_sizes: `(block_q, block_k)` for the tiled implementations (`'blocked'`,
+        `'pallas'`); default chosen by shape. The others have no blocks and ignore it.
 
     Returns:
       `output [B, T, N, Hv]` in the input dtype; with `return_residual`, `(output, residual)`;
       with `return_weights`, `(output, weights)`; with both, `(output, residual, weights)`.
     """
-    V.check_arrays(query=query, key=key, value=value)
-    if not query.ndim == key.ndim == value.ndim:
-        raise ValueError(
-            "query, key and value must all have rank 4 [batch, length, heads, head_dim] or all "
-            f"rank 3 (unbatched), got shapes {tuple(query.shape)}, {tuple(key.shape)} and "
-            f"{tuple(value.shape)}."
-        )
-    if query.ndim == 3 and key.ndim == 3 and value.ndim == 3:
-        # Unbatched: bias and mask keep their shapes; like any rank < 4 mask they broadcast
-        # from the right against [1, N, T, S], and a rank-4 one (as jax.nn takes) stays as is.
-        results = dot_product_attention(
-            query[None], key[None], value[None], bias, mask,
-            scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
-            implementation=implementation, return_residual=return_residual,
-            causal_alignment=causal_alignment, score_mod=score_mod, mask_mod=mask_mod,
-            dropout_rate=dropout_rate, dropout_key=dropout_key, return_weights=return_weights,
-            block_sizes=block_sizes,
-        )
-        return jax.tree.map(lambda x: x[0], results)
-    dims = V.check_qkv(query, key, value)
-    if implementation is not None:
-        V.check_choice("implementation", implementation, IMPLEMENTATIONS)
-    V.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
-    V.check_static("is_causal", is_causal, "bool")
-    V.check_dropout(dropout_rate, dropout_key)
-    bias = V.check_broadcastable("bias", bias, dims, boolean=False)
-    mask = V.check_broadcastable("mask", mask, dims, boolean=True)
-    visibility = Visibility(
-        is_causal=bool(is_causal),
-        window=V.check_window(local_window_size),
-        q_lengths=V.check_lengths("query_seq_lengths", query_seq_lengths, dims.B),
-        kv_lengths=V.check_lengths("key_value_seq_lengths", key_value_seq_lengths, dims.B),
-        causal_alignment=causal_alignment,
+    call = prepare(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation=implementation,
+        return_residual=return_residual, causal_alignment=causal_alignment, score_mod=score_mod,
+        mask_mod=mask_mod, dropout_rate=dropout_rate, dropout_key=dropout_key,
+        return_weights=return_weights, block_sizes=block_sizes,
     )
-    scale = V.check_scale(scale, dims.H)
-    if implementation is None:
-        implementation = choose_implementation(
-            kv_length=dims.S, needs_weights=return_weights, dropout=dropout_rate > 0.0
-        )
-
-    if implementation in ("xla", "cudnn"):
-        unsupported = {
-            "score_mod": score_mod is not None,
-            "mask_mod": mask_mod is not None,
-            "dropout_rate": dropout_rate > 0.0,
-            "return_weights": return_weights,
-            "causal_alignment='bottom_right'": causal_alignment == "bottom_right",
-        }
-        for name, used in unsupported.items():
-            if used:
-                raise ValueError(f"implementation={implementation!r} does not support {name}.")
-        return jax.nn.dot_product_attention(
-            query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-            query_seq_lengths=visibility.q_lengths,
-            key_value_seq_lengths=visibility.kv_lengths, local_window_size=visibility.window,
-            implementation=implementation, return_residual=return_residual,
-        )
-
-    if implementation == "reference":
-        out, weights, lse = reference_attention(
-            query, key, value, bias=bias, mask=mask, visibility=visibility,
-            score_fn=functools.partial(scaled_dot_product_score, scale=scale),
-            score_mod=score_mod, mask_mod=mask_mod, dropout_rate=dropout_rate,
-            dropout_key=dropout_key,
-        )
-    else:
-        if return_weights or dropout_rate > 0.0:
-            raise ValueError(
-                f"implementation={implementation!r} never forms the [T, S] weights, so it "
-                "supports neither return_weights nor dropout_rate; use 'reference'."
-            )
-        if implementation == "blocked":
-            from flaxattn.kernels._blocked import blocked_attention as kernel
-        else:
-            from flaxattn.kernels._pallas import pallas_attention as kernel
-        out, lse = kernel(
-            query, key, value, bias=bias, mask=mask, visibility=visibility, scale=scale,
-            score_mod=score_mod, mask_mod=mask_mod, block_sizes=block_sizes,
-        )
-        weights = None
-    results = (out,)
-    if return_residual:
-        results += (jnp.swapaxes(lse, 1, 2).astype(query.dtype),)  # [B, T, N]
-    if return_weights:
-        results += (weights,)
-    return results[0] if len(results) == 1 else results
+    return finish(call, _registry.run(call))
 
 
-def attention(
+def scored_attention(
     query: Array,
     key: Array,
     value: Array,
@@ -206,7 +108,8 @@ def attention(
     dropout_key: Array | None = None,
     return_weights: bool = False,
 ) -> Array | tuple[Array, Array]:
-    """Batched multi-head attention with any single-head score function.
+    """Batched multi-head attention with any single-head score function (always by the
+    reference implementation: only it takes other scores than the dot product).
 
     Args:
       query: `[B, T, N, D]`.
@@ -223,33 +126,27 @@ def attention(
     Returns:
       `output [B, T, N, Hv]`, or `(output, weights)` with `return_weights`.
     """
-    dims = V.check_qkv(query, key, value, same_head_dim=score_fn is None)
-    V.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
-    V.check_static("is_causal", is_causal, "bool")
-    V.check_dropout(dropout_rate, dropout_key)
+    call = prepare(
+        query, key, value, bias, mask, caller="scored_attention", same_head_dim=score_fn is None,
+        is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+        causal_alignment=causal_alignment, score_mod=score_mod, mask_mod=mask_mod,
+        dropout_rate=dropout_rate, dropout_key=dropout_key, return_weights=return_weights,
+    )
     score_params = jax.tree.map(jnp.asarray, score_params)
     for i, p in enumerate(jax.tree.leaves(score_params)):
-        if p.ndim == 0 or p.shape[0] != dims.N:
+        if p.ndim == 0 or p.shape[0] != call.dims.N:
             raise ValueError(
-                f"score_params[{i}] must have a leading heads axis of size N={dims.N}, got "
+                f"score_params[{i}] must have a leading heads axis of size N={call.dims.N}, got "
                 f"shape {tuple(p.shape)}."
             )
-    visibility = Visibility(
-        is_causal=bool(is_causal),
-        window=V.check_window(local_window_size),
-        q_lengths=V.check_lengths("query_seq_lengths", query_seq_lengths, dims.B),
-        kv_lengths=V.check_lengths("key_value_seq_lengths", key_value_seq_lengths, dims.B),
-        causal_alignment=causal_alignment,
+    out, weights, lse = reference_attention(
+        call.query, call.key, call.value, bias=call.bias, mask=call.mask,
+        visibility=call.visibility, score_fn=score_fn, score_params=score_params,
+        score_mod=score_mod, mask_mod=mask_mod, dropout_rate=call.dropout_rate,
+        dropout_key=call.dropout_key,
     )
-    out, weights, _ = reference_attention(
-        query, key, value,
-        bias=V.check_broadcastable("bias", bias, dims, boolean=False),
-        mask=V.check_broadcastable("mask", mask, dims, boolean=True),
-        visibility=visibility, score_fn=score_fn, score_params=score_params,
-        score_mod=score_mod, mask_mod=mask_mod, dropout_rate=dropout_rate,
-        dropout_key=dropout_key,
-    )
-    return (out, weights) if return_weights else out
+    return finish(call, Result(out, lse, weights))
 
 
 def additive_attention(
@@ -272,12 +169,13 @@ def additive_attention(
       query_weight: `W_q`, `[N, D, A]`, one per query head.
       key_weight: `W_k`, `[N, E, A]`.
       energy_weight: `v`, `[N, A]`.
-      bias, mask, **kwargs: as in `attention` (masks, lengths, dropout, return_weights, ...).
+      bias, mask, **kwargs: as in `scored_attention` (masks, lengths, dropout,
+        return_weights, ...).
 
     Returns:
-      As `attention`.
+      As `scored_attention`.
     """
-    return attention(
+    return scored_attention(
         query, key, value, bias, mask, score_fn=additive_score,
         score_params=(query_weight, key_weight, energy_weight), **kwargs,
     )

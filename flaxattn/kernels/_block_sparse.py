@@ -16,16 +16,17 @@ Reference: Zaheer et al., "Big Bird: Transformers for Longer Sequences" (NeurIPS
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jaxtyping import Float
 
-from flaxattn.kernels._linear import check_inputs, unbatched
-from flaxattn.kernels._reference import _split_heads
+from flaxattn.kernels._call import Call, Result, finish, prepare
+from flaxattn.kernels._heads import heads_to_rows, over_heads
+from flaxattn.kernels._linear import window_below_length
+from flaxattn.kernels._registry import Implementation, register
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
 from flaxattn.kernels._softmax import masked_softmax
 from flaxattn.kernels._visibility import Limits, Visibility
@@ -86,9 +87,8 @@ def gathered_block_attention(
       `[B, T, N, Hv]` in the input dtype.
     """
     visibility = Visibility() if visibility is None else visibility
-    B, T, N, H = query.shape
-    S, K = key.shape[1], key.shape[2]
-    G = N // K
+    B, T = query.shape[:2]
+    S = key.shape[1]
     b = block_size
     Tp, Sp = -(-T // b) * b, -(-S // b) * b
     limits = visibility.limits(B, T, S)  # real lengths: padded rows and keys are hidden
@@ -100,14 +100,11 @@ def gathered_block_attention(
         widths[axis] = (0, size - x.shape[axis])
         return jnp.pad(x, widths)
 
-    q = pad(query, 1, Tp).reshape(B, Tp, K, G, H)
-    k, v = pad(key, 1, Sp), pad(value, 1, Sp)
-    bias, bias_axes = _split_heads(pad(pad(bias, 2, Tp), 3, Sp), K, G)
-    mask, mask_axes = _split_heads(pad(pad(mask, 2, Tp), 3, Sp), K, G)
     offsets = jnp.arange(b)
 
-    def one_head(q, k, v, bias, mask, limits: Limits):
+    def one_head(q, k, v, bias, mask, head, limits: Limits):
         # q [Tp, H], k [Sp, H], v [Sp, Hv]; bias, mask [Tp|1, Sp|1]; limits scalars.
+        del head
         q_blocks = q.reshape(Tp // b, b, -1)
         k_blocks, v_blocks = k.reshape(Sp // b, b, -1), v.reshape(Sp // b, b, -1)
         out = jnp.zeros((Tp // b, b, v.shape[-1]), jnp.float32)
@@ -141,12 +138,11 @@ def gathered_block_attention(
             out = rows_out if whole else out.at[group.rows].set(rows_out)
         return out.reshape(Tp, -1)
 
-    per_group = jax.vmap(one_head, in_axes=(1, None, None, bias_axes[2], mask_axes[2], None))
-    per_kv_head = jax.vmap(per_group, in_axes=(1, 1, 1, bias_axes[1], mask_axes[1], None))
-    per_example = jax.vmap(per_kv_head, in_axes=(0, 0, 0, bias_axes[0], mask_axes[0], 0))
-    out = per_example(q, k, v, bias, mask, limits)  # [B, K, G, Tp, Hv]
-    out = jnp.moveaxis(out, 3, 1).reshape(B, Tp, N, -1)[:, :T]
-    return out.astype(query.dtype)
+    out = over_heads(
+        one_head, pad(query, 1, Tp), pad(key, 1, Sp), pad(value, 1, Sp),
+        pairs=(pad(pad(bias, 2, Tp), 3, Sp), pad(pad(mask, 2, Tp), 3, Sp)), per_example=limits,
+    )  # [B, N, Tp, Hv]
+    return heads_to_rows(out)[:, :T].astype(query.dtype)
 
 
 def bigbird_block_layout(
@@ -220,20 +216,13 @@ def block_sparse_attention(
     bias: Array | None = None,
     mask: Array | None = None,
     *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
-    score_mod: ScoreMod | None = None,
-    mask_mod: MaskMod | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     layout: np.ndarray | None = None,
     num_global_blocks: int = 1,
     window_blocks: int = 1,
     num_random_blocks: int = 1,
     seed: int = 0,
+    **keywords: Any,
 ) -> Float[Array, "B T N Hv"]:
     """BigBird-style block-sparse attention: global, window and random key blocks per query block.
 
@@ -245,29 +234,38 @@ def block_sparse_attention(
       query: `[B, T, N, H]` (or `[T, N, H]`).
       key: `[B, S, K, H]`; `K` divides `N`.
       value: `[B, S, K, Hv]`.
-      bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-        local_window_size, causal_alignment, score_mod, mask_mod: as in
-        `dot_product_attention`; they act inside the computed blocks.
+      bias, mask: as in `dot_product_attention`; they act inside the computed blocks.
       block_size: `b`, positions per block (`T` and `S` are padded up to a multiple).
       layout: a static bool `[ceil(T/b), ceil(S/b)]` block pattern; default
         `bigbird_block_layout` with the next four arguments.
       num_global_blocks, window_blocks, num_random_blocks, seed: BigBird's pattern.
+      **keywords: `dot_product_attention`'s keywords (`scale`, `is_causal`, lengths,
+        `local_window_size`, `causal_alignment`, `score_mod`, `mask_mod`); they act inside
+        the computed blocks. Others it does not support raise a `ValueError`.
 
     Returns:
       `[B, T, N, Hv]` in the input dtype; a query with nothing visible gives 0.
     """
-    dims, bias, mask, visibility = check_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        causal_alignment=causal_alignment,
+    call = prepare(query, key, value, bias, mask, caller="block_sparse_attention", **keywords)
+    options = dict(
+        block_size=block_size, layout=layout, num_global_blocks=num_global_blocks,
+        window_blocks=window_blocks, num_random_blocks=num_random_blocks, seed=seed,
     )
+    return finish(call, BLOCK_SPARSE(call, **options))
+
+
+def _run_block_sparse(
+    call: Call,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    layout: np.ndarray | None = None,
+    num_global_blocks: int = 1,
+    window_blocks: int = 1,
+    num_random_blocks: int = 1,
+    seed: int = 0,
+) -> Result:
+    window_below_length(call, "block_sparse_attention")
+    dims, is_causal = call.dims, call.visibility.is_causal
     if block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size}.")
     shape = (-(-dims.T // block_size), -(-dims.S // block_size))
@@ -286,22 +284,28 @@ def block_sparse_attention(
             f"layout must have shape [ceil(T/b), ceil(S/b)] = {list(shape)} for block_size="
             f"{block_size}, got {layout.shape}."
         )
-    if is_causal and causal_alignment == "top_left":  # blocks wholly in the future: never read
-        layout = layout & np.tril(np.ones_like(layout))
+    if is_causal and call.visibility.causal_alignment == "top_left":
+        layout = layout & np.tril(np.ones_like(layout))  # blocks wholly in the future
     groups = layout_plan(layout)
-    return gathered_block_attention(
-        query,
-        key,
-        value,
-        plan=lambda limits: groups,
-        block_size=block_size,
-        bias=bias,
-        mask=mask,
-        visibility=visibility,
-        scale=1.0 / dims.H**0.5 if scale is None else scale,
-        score_mod=score_mod,
-        mask_mod=mask_mod,
+    out = gathered_block_attention(
+        call.query, call.key, call.value, plan=lambda limits: groups, block_size=block_size,
+        bias=call.bias, mask=call.mask, visibility=call.visibility, scale=call.scale,
+        score_mod=call.score_mod, mask_mod=call.mask_mod,
     )
+    return Result(out)
 
 
-block_sparse_attention = unbatched(block_sparse_attention)
+# Exact softmax on the gathered blocks: every masking feature applies inside them.
+GATHERED_SUPPORTS = frozenset(
+    {"bias", "mask", "causal", "bottom_right", "window", "lengths", "gqa", "value_head_dim",
+     "score_mod", "mask_mod", "mod_arrays", "traced_scale"}
+)
+BLOCK_SPARSE = register(
+    Implementation(
+        "block_sparse", _run_block_sparse,
+        "BigBird block-sparse attention: global + window + random key blocks, exact on them",
+        supports=GATHERED_SUPPORTS, kind="pattern",
+        options=("block_size", "layout", "num_global_blocks", "window_blocks",
+                 "num_random_blocks", "seed"),
+    )
+)

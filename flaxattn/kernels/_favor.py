@@ -23,19 +23,21 @@ Reference: Choromanski et al., "Rethinking Attention with Performers" (ICLR 2021
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
+from flaxattn.kernels._call import Call, Result, finish, prepare
 from flaxattn.kernels._linear import (
     DEFAULT_CHUNK_SIZE,
-    check_inputs,
+    KERNELIZED_SUPPORTS,
     kernelized_attention,
-    unbatched,
+    window_below_length,
 )
+from flaxattn.kernels._registry import Implementation, register
 
 DEFAULT_NUM_FEATURES = 256
 
@@ -84,17 +86,12 @@ def favor_attention(
     bias: Array | None = None,
     mask: Array | None = None,
     *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     num_features: int = DEFAULT_NUM_FEATURES,
     feature_key: Array | None = None,
     projection: Float[Array, "M H"] | None = None,
     orthogonal: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **keywords: Any,
 ) -> Float[Array, "B T N Hv"]:
     """Softmax attention approximated by FAVOR+ positive random features, O(T·M).
 
@@ -110,57 +107,61 @@ def favor_attention(
       value: `[B, S, K, Hv]`.
       bias: broadcastable to `[B, N, T, S]`, added to the (approximated) logits.
       mask: booleans, broadcastable to `[B, N, T, S]`, True = attend.
-      scale: logit multiplier; default `1 / sqrt(H)`.
-      is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
-        causal_alignment: as in `dot_product_attention`.
       num_features: `M`, when drawing from `feature_key`.
       feature_key: PRNG key for the projection.
       projection: `[M, H]`, overrides `feature_key` and `num_features`.
       orthogonal: orthogonal blocks when drawing from `feature_key`.
       chunk_size: chunk length of the causal prefix sums.
+      **keywords: `dot_product_attention`'s keywords `scale` (default `1 / sqrt(H)`),
+        `is_causal`, `query_seq_lengths`, `key_value_seq_lengths`, `local_window_size`,
+        `causal_alignment`; others it does not support raise a `ValueError`.
 
     Returns:
       `[B, T, N, Hv]` in the input dtype.
     """
-    dims, bias, mask, visibility = check_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        causal_alignment=causal_alignment,
-    )
+    call = prepare(query, key, value, bias, mask, caller="favor_attention", **keywords)
     if projection is None:
         if feature_key is None:
             raise ValueError(
                 "favor_attention needs random features: pass feature_key (a PRNG key) or a "
                 "projection from favor_projection."
             )
-        projection = favor_projection(feature_key, num_features, dims.H, orthogonal=orthogonal)
+        projection = favor_projection(
+            feature_key, num_features, call.dims.H, orthogonal=orthogonal
+        )
+    return finish(call, FAVOR(call, projection=projection, chunk_size=chunk_size))
+
+
+def _run_favor(call: Call, *, projection: Array, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Result:
+    window_below_length(call, "favor_attention")
+    dims = call.dims
     projection = jnp.asarray(projection, jnp.float32)
     if projection.ndim != 2 or projection.shape[1] != dims.H:
         raise ValueError(
             f"projection must have shape [M, H] with H={dims.H}, got {tuple(projection.shape)}."
         )
-    root = (1.0 / dims.H**0.5 if scale is None else float(scale)) ** 0.5
-    log_q = _log_features(query.astype(jnp.float32) * root, projection)  # [B, T, N, M]
-    log_k = _log_features(key.astype(jnp.float32) * root, projection)  # [B, S, K, M]
+    root = jnp.sqrt(jnp.asarray(call.scale, jnp.float32))
+    log_q = _log_features(call.query.astype(jnp.float32) * root, projection)  # [B, T, N, M]
+    log_k = _log_features(call.key.astype(jnp.float32) * root, projection)  # [B, S, K, M]
     # Stabilisers (they cancel): each query row by its max; each head's keys by their max
     # over valid keys, so that padding cannot push the real keys into underflow.
     phi_q = jnp.exp(log_q - jax.lax.stop_gradient(jnp.max(log_q, axis=-1, keepdims=True)))
-    kv_len = visibility.limits(dims.B, dims.T, dims.S).kv_len
+    kv_len = call.visibility.limits(dims.B, dims.T, dims.S).kv_len
     valid = jnp.arange(dims.S)[None, :, None, None] < kv_len[:, None, None, None]
     key_max = jnp.max(jnp.where(valid, log_k, -jnp.inf), axis=(1, 3), keepdims=True)
     key_max = jnp.where(jnp.isfinite(key_max), key_max, 0.0)
     phi_k = jnp.exp(log_k - jax.lax.stop_gradient(key_max))
     out = kernelized_attention(
-        phi_q, phi_k, value, bias=bias, mask=mask, visibility=visibility, chunk_size=chunk_size
+        phi_q, phi_k, call.value, bias=call.bias, mask=call.mask, visibility=call.visibility,
+        chunk_size=chunk_size,
     )
-    return out.astype(query.dtype)
+    return Result(out.astype(call.query.dtype))
 
 
-favor_attention = unbatched(favor_attention)
+FAVOR = register(
+    Implementation(
+        "favor", _run_favor, "FAVOR+ positive random features approximating softmax, O(T·M)",
+        supports=KERNELIZED_SUPPORTS, kind="approximate", options=("projection", "chunk_size"),
+        required=("projection",),
+    )
+)

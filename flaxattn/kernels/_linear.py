@@ -24,18 +24,18 @@ Transformers with Linear Attention" (ICML 2020).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float
 
-from flaxattn.kernels import _validate as V
-from flaxattn.kernels._reference import _split_heads
-from flaxattn.kernels._visibility import CAUSAL_ALIGNMENTS, Limits, Visibility
+from flaxattn.kernels._call import Call, Result, finish, prepare
+from flaxattn.kernels._heads import heads_to_rows, over_heads
+from flaxattn.kernels._registry import Implementation, register
+from flaxattn.kernels._visibility import Limits, Visibility
 
 FeatureMap = Callable[[Array], Array]
 DEFAULT_CHUNK_SIZE = 64
@@ -127,9 +127,8 @@ def kernelized_attention(
       `[B, T, N, Hv]` float32; a query with nothing visible gives 0.
     """
     visibility = Visibility() if visibility is None else visibility
-    B, T, N, _ = phi_q.shape
-    S, K = phi_k.shape[1], phi_k.shape[2]
-    G = N // K
+    B, T = phi_q.shape[:2]
+    S = phi_k.shape[1]
     limits = visibility.limits(B, T, S)
     coupled = (
         visibility.window is not None
@@ -137,14 +136,12 @@ def kernelized_attention(
         or (mask is not None and mask.shape[2] > 1)
         or (visibility.is_causal and not _fast_causal(visibility, T, S))
     )
-    q = phi_q.astype(jnp.float32).reshape(B, T, K, G, -1)
-    bias, bias_axes = _split_heads(bias, K, G)
-    mask, mask_axes = _split_heads(mask, K, G)
     q_idx = jnp.arange(T)[:, None]
     kv_idx = jnp.arange(S)[None, :]
 
-    def one_head(q, k, v, bias, mask, limits: Limits):
+    def one_head(q, k, v, bias, mask, head, limits: Limits):
         # q [T, F], k [S, F], v [S, Dv]; bias, mask [T|1, S|1]; limits scalars.
+        del head
         if coupled:
             visible = visibility.visible(q_idx, kv_idx, limits)
             if mask is not None:
@@ -170,58 +167,23 @@ def kernelized_attention(
             den = jnp.where(q_idx[:, 0] < limits.q_len, den, 0.0)  # padded queries see nothing
         return _safe_divide(num, den)
 
-    per_group = jax.vmap(one_head, in_axes=(1, None, None, bias_axes[2], mask_axes[2], None))
-    per_kv_head = jax.vmap(per_group, in_axes=(1, 1, 1, bias_axes[1], mask_axes[1], None))
-    per_example = jax.vmap(per_kv_head, in_axes=(0, 0, 0, bias_axes[0], mask_axes[0], 0))
-    out = per_example(q, phi_k.astype(jnp.float32), value.astype(jnp.float32), bias, mask, limits)
-    return jnp.moveaxis(out, 3, 1).reshape(B, T, N, -1)  # [B, K, G, T, Hv] -> [B, T, N, Hv]
+    out = over_heads(
+        one_head, phi_q.astype(jnp.float32), phi_k.astype(jnp.float32),
+        value.astype(jnp.float32), pairs=(bias, mask), per_example=limits,
+    )  # [B, N, T, Hv]
+    return heads_to_rows(out)
 
 
-def check_inputs(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    *,
-    is_causal,
-    query_seq_lengths,
-    key_value_seq_lengths,
-    local_window_size,
-    causal_alignment,
-):
-    """The common validation of the efficient variants: `(dims, bias, mask, visibility)`."""
-    dims = V.check_qkv(query, key, value)
-    V.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
-    window = V.check_window(local_window_size)
-    if window is not None and max(window) >= dims.S:
+def window_below_length(call: Call, caller: str) -> None:
+    """The efficient variants and the ring take windows narrower than the sequence only."""
+    window = call.visibility.window
+    if window is not None and max(window) >= call.dims.S:
+        given = window[0] if window[0] == window[1] else window
         raise ValueError(
-            f"local_window_size={local_window_size!r} is larger than the sequence (S={dims.S}): "
-            "each side must be smaller than S; pass no window for full attention."
+            f"{caller}: local_window_size={given!r} is larger than the sequence "
+            f"(S={call.dims.S}): each side must be smaller than S; pass no window for full "
+            "attention."
         )
-    visibility = Visibility(
-        is_causal=bool(is_causal),
-        window=window,
-        q_lengths=V.check_lengths("query_seq_lengths", query_seq_lengths, dims.B),
-        kv_lengths=V.check_lengths("key_value_seq_lengths", key_value_seq_lengths, dims.B),
-        causal_alignment=causal_alignment,
-    )
-    bias = V.check_broadcastable("bias", bias, dims, boolean=False)
-    mask = V.check_broadcastable("mask", mask, dims, boolean=True)
-    return dims, bias, mask, visibility
-
-
-def unbatched(fn: Callable[..., Array]) -> Callable[..., Array]:
-    """Let `fn(query, key, value, bias, mask, **kw)` also take `[T, N, H]` inputs (no batch)."""
-
-    @functools.wraps(fn)
-    def wrapped(query, key, value, bias=None, mask=None, **kwargs):
-        if query.ndim == 3 and key.ndim == 3 and value.ndim == 3:
-            add = lambda x: None if x is None else jnp.asarray(x)[None]
-            return fn(query[None], key[None], value[None], add(bias), add(mask), **kwargs)[0]
-        return fn(query, key, value, bias, mask, **kwargs)
-
-    return wrapped
 
 
 def linear_attention(
@@ -232,13 +194,9 @@ def linear_attention(
     mask: Array | None = None,
     *,
     scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     feature_map: FeatureMap = elu_feature_map,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **keywords: Any,
 ) -> Float[Array, "B T N Hv"]:
     """Linear attention, `φ(q)·φ(k)` with `φ = elu + 1`, in O(T) time and memory.
 
@@ -257,38 +215,41 @@ def linear_attention(
       mask: booleans, broadcastable to `[B, N, T, S]`, True = attend.
       scale: queries are multiplied by `scale` before the feature map; default 1 (none),
         as in Katharopoulos et al.
-      is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
-        causal_alignment: as in `dot_product_attention`.
       feature_map: `φ`, elementwise and positive; default `elu(x) + 1`.
       chunk_size: chunk length of the causal prefix sums.
+      **keywords: `dot_product_attention`'s masking keywords (`is_causal`,
+        `query_seq_lengths`, `key_value_seq_lengths`, `local_window_size`,
+        `causal_alignment`); others it does not support raise a `ValueError`.
 
     Returns:
       `[B, T, N, Hv]` in the input dtype.
     """
-    dims, bias, mask, visibility = check_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        causal_alignment=causal_alignment,
-    )
-    del dims
-    q = query.astype(jnp.float32) * (1.0 if scale is None else float(scale))
+    call = prepare(query, key, value, bias, mask, caller="linear_attention",
+                   scale=1.0 if scale is None else scale, **keywords)
+    return finish(call, LINEAR(call, feature_map=feature_map, chunk_size=chunk_size))
+
+
+def _run_linear(
+    call: Call, *, feature_map: FeatureMap = elu_feature_map, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Result:
+    window_below_length(call, "linear_attention")
+    q = call.query.astype(jnp.float32) * call.scale
     out = kernelized_attention(
-        feature_map(q),
-        feature_map(key.astype(jnp.float32)),
-        value,
-        bias=bias,
-        mask=mask,
-        visibility=visibility,
-        chunk_size=chunk_size,
+        feature_map(q), feature_map(call.key.astype(jnp.float32)), call.value,
+        bias=call.bias, mask=call.mask, visibility=call.visibility, chunk_size=chunk_size,
     )
-    return out.astype(query.dtype)
+    return Result(out.astype(call.query.dtype))
 
 
-linear_attention = unbatched(linear_attention)
+# The kernelised variants keep masks, lengths and biases; they have no logits to modify,
+# no weights to return or drop out, and no logsumexp.
+KERNELIZED_SUPPORTS = frozenset(
+    {"bias", "mask", "causal", "bottom_right", "window", "lengths", "gqa", "value_head_dim",
+     "traced_scale"}
+)
+LINEAR = register(
+    Implementation(
+        "linear", _run_linear, "linear attention, phi(q)·phi(k) with phi = elu + 1, O(T)",
+        supports=KERNELIZED_SUPPORTS, kind="approximate", options=("feature_map", "chunk_size"),
+    )
+)

@@ -15,7 +15,7 @@ Child et al., "Generating Long Sequences with Sparse Transformers" (2019).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,14 @@ import numpy as np
 from jax import Array
 from jaxtyping import Float
 
-from flaxattn.kernels._api import dot_product_attention
-from flaxattn.kernels._block_sparse import RowGroup, gathered_block_attention
-from flaxattn.kernels._linear import check_inputs, unbatched
-from flaxattn.kernels._single_head import MaskMod, ScoreMod
+from flaxattn.kernels._block_sparse import (
+    GATHERED_SUPPORTS,
+    RowGroup,
+    gathered_block_attention,
+)
+from flaxattn.kernels._call import Call, Result, finish, prepare
+from flaxattn.kernels._linear import window_below_length
+from flaxattn.kernels._registry import Implementation, get_implementation, register
 from flaxattn.kernels._visibility import Limits
 
 
@@ -61,15 +65,9 @@ def local_attention(
     mask: Array | None = None,
     *,
     local_window_size: int | tuple[int, int] | None = None,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
-    score_mod: ScoreMod | None = None,
-    mask_mod: MaskMod | None = None,
     block_size: int | None = None,
     method: Literal["band", "blocked"] | None = None,
+    **keywords: Any,
 ) -> Float[Array, "B T N Hv"]:
     """Exact sliding-window attention in O(T·w) time and memory.
 
@@ -89,33 +87,28 @@ def local_attention(
       query: `[B, T, N, H]` (or `[T, N, H]`).
       key: `[B, S, K, H]`; `K` divides `N`.
       value: `[B, S, K, Hv]`.
-      bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-        causal_alignment, score_mod, mask_mod: as in `dot_product_attention`.
+      bias, mask: as in `dot_product_attention`.
       local_window_size: required; `w` or `(left, right)`, each side smaller than `S`.
       block_size: positions per block; default `default_block_size(left, right)` for the
         band, the blocked kernel's defaults for `'blocked'`.
       method: `'band'` or `'blocked'`; default `'blocked'` on the CPU, `'band'` elsewhere.
+      **keywords: `dot_product_attention`'s other keywords (`scale`, `is_causal`, lengths,
+        `causal_alignment`, `score_mod`, `mask_mod`); others it does not support raise a
+        `ValueError`.
 
     Returns:
       `[B, T, N, Hv]` in the input dtype; a query with nothing visible gives 0.
     """
-    if local_window_size is None:
-        raise ValueError(
-            "local_attention needs local_window_size (w or (left, right)); for full attention "
-            "use dot_product_attention."
-        )
-    dims, bias, mask, visibility = check_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        causal_alignment=causal_alignment,
-    )
+    call = prepare(query, key, value, bias, mask, caller="local_attention",
+                   local_window_size=local_window_size, **keywords)
+    return finish(call, LOCAL(call, block_size=block_size, method=method))
+
+
+def _run_local(
+    call: Call, *, block_size: int | None = None, method: Literal["band", "blocked"] | None = None
+) -> Result:
+    vis = call.visibility
+    window_below_length(call, "local_attention")
     if method is None:
         method = "blocked" if jax.default_backend() == "cpu" else "band"
     if method not in ("band", "blocked"):
@@ -123,22 +116,16 @@ def local_attention(
     if block_size is not None and int(block_size) < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size}.")
     if method == "blocked":
-        return dot_product_attention(
-            query, key, value, bias, mask,
-            scale=scale, is_causal=is_causal,
-            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-            local_window_size=local_window_size, causal_alignment=causal_alignment,
-            score_mod=score_mod, mask_mod=mask_mod, implementation="blocked",
-            block_sizes=None if block_size is None else (int(block_size),) * 2,
-        )
-    left, right = visibility.window
-    if is_causal:
+        blocks = None if block_size is None else (int(block_size),) * 2
+        return get_implementation("blocked")(call.replace(block_sizes=blocks))
+    dims = call.dims
+    left, right = vis.window
+    if vis.is_causal:
         right = 0
     b = default_block_size(left, right) if block_size is None else int(block_size)
     num_q_blocks, num_kv_blocks = -(-dims.T // b), -(-dims.S // b)
     rows = np.arange(num_q_blocks)
-    offset = _static_offset(dims.T, dims.S, causal_alignment, query_seq_lengths,
-                            key_value_seq_lengths)
+    offset = _static_offset(dims.T, dims.S, vis.causal_alignment, vis.q_lengths, vis.kv_lengths)
     if offset is not None:
         # Query block i sees key blocks i + lo .. i + hi: the band is a constant, and it is
         # one block narrower than the worst case below whenever the offset is block-aligned
@@ -162,19 +149,19 @@ def local_attention(
             valid = (idx >= 0) & (idx < num_kv_blocks)
             return [RowGroup(rows, jnp.clip(idx, 0, num_kv_blocks - 1), valid)]
 
-    return gathered_block_attention(
-        query,
-        key,
-        value,
-        plan=band,
-        block_size=b,
-        bias=bias,
-        mask=mask,
-        visibility=visibility,
-        scale=1.0 / dims.H**0.5 if scale is None else scale,
-        score_mod=score_mod,
-        mask_mod=mask_mod,
+    out = gathered_block_attention(
+        call.query, call.key, call.value, plan=band, block_size=b, bias=call.bias,
+        mask=call.mask, visibility=vis, scale=call.scale, score_mod=call.score_mod,
+        mask_mod=call.mask_mod,
     )
+    return Result(out)
 
 
-local_attention = unbatched(local_attention)
+LOCAL = register(
+    Implementation(
+        "local", _run_local,
+        "exact sliding-window attention on the band of key blocks around each query block, "
+        "O(T·w)",
+        supports=GATHERED_SUPPORTS, needs=frozenset({"window"}), options=("block_size", "method"),
+    )
+)

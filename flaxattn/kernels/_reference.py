@@ -1,20 +1,22 @@
-"""The reference implementation: the single-head kernel, vmapped over groups, kv heads, batch.
+"""The reference implementation: the single-head kernel lifted over heads and batch.
 
-This is the one place where heads and batch are added. GQA is a grouped reshape of the query
-heads, `N = K·G`: the innermost vmap runs over the G query heads that share one kv head, so
-keys and values are never repeated.
+It forms the `[T, S]` weights of every head (so it alone returns them and applies dropout to
+them) and is what the other implementations are tested against.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float
 
-from flaxattn.kernels._scores import ScoreFn
+from flaxattn.kernels._call import Call, Result
+from flaxattn.kernels._heads import heads_to_rows, over_heads
+from flaxattn.kernels._registry import ALL_FEATURES, Implementation, register
+from flaxattn.kernels._scores import ScoreFn, scaled_dot_product_score
 from flaxattn.kernels._single_head import (
     MaskMod,
     ScoreMod,
@@ -22,21 +24,6 @@ from flaxattn.kernels._single_head import (
     dropout_keep_mask,
 )
 from flaxattn.kernels._visibility import Visibility
-
-
-def _split_heads(x: Array | None, K: int, G: int) -> tuple[Array | None, tuple]:
-    """View `x [B|1, N|1, T|1, S|1]` as `[B?, K?, G?, T|1, S|1]` for the three nested vmaps.
-
-    Singleton batch/head axes are dropped and mapped with `None`, so a bias shared by all
-    heads is not copied once per head.
-    """
-    if x is None:
-        return None, (None, None, None)
-    b, n, t, s = x.shape
-    x = x.reshape(b, K if n > 1 else 1, G if n > 1 else 1, t, s)
-    keep = [size > 1 for size in x.shape[:3]]
-    x = x.reshape(tuple(size for size, k in zip(x.shape[:3], keep, strict=True) if k) + (t, s))
-    return x, tuple(0 if k else None for k in keep)
 
 
 def reference_attention(
@@ -71,23 +58,18 @@ def reference_attention(
       `(output [B, T, N, Hv], weights [B, N, T, S] float32, logsumexp [B, N, T] float32)`.
     """
     visibility = Visibility() if visibility is None else visibility
-    B, T, N, H = query.shape
-    S, K = key.shape[1], key.shape[2]
-    G = N // K
-    q = query.reshape(B, T, K, G, H)  # [B, T, K, G, H]
+    B, T, N, _ = query.shape
+    S = key.shape[1]
     limits = visibility.limits(B, T, S)
-    bias, bias_axes = _split_heads(bias, K, G)
-    mask, mask_axes = _split_heads(mask, K, G)
-    params = jax.tree.map(lambda p: p.reshape((K, G) + p.shape[1:]), score_params)
     # Every head's dropout mask in one flat draw (much cheaper to compile than per-head keys
     # under three vmaps).
     keep = None
     if dropout_rate > 0.0:
-        keep = dropout_keep_mask(dropout_key, dropout_rate, (B, K, G, T, S))
+        keep = dropout_keep_mask(dropout_key, dropout_rate, (B, N, T, S))
     q_idx = jnp.arange(T)[:, None]
     kv_idx = jnp.arange(S)[None, :]
 
-    def one_head(q, k, v, bias, mask, params, keep, limits):
+    def one_head(q, k, v, bias, mask, keep, params, limits):
         visible = None if visibility.is_trivial else visibility.visible(q_idx, kv_idx, limits)
         if mask is not None:
             visible = mask if visible is None else visible & mask
@@ -99,11 +81,31 @@ def reference_attention(
             mask_mod=mask_mod, dropout_rate=dropout_rate, keep=keep,
         )
 
-    # Innermost: the G query heads sharing one kv head (k, v, limits not mapped).
-    per_group = jax.vmap(one_head, in_axes=(1, None, None, bias_axes[2], mask_axes[2], 0, 0, None))
-    per_kv_head = jax.vmap(per_group, in_axes=(1, 1, 1, bias_axes[1], mask_axes[1], 0, 0, None))
-    per_example = jax.vmap(per_kv_head, in_axes=(0, 0, 0, bias_axes[0], mask_axes[0], None, 0, 0))
-    out, weights, lse = per_example(q, key, value, bias, mask, params, keep, limits)
-    # out [B, K, G, T, Hv]; weights [B, K, G, T, S]; lse [B, K, G, T]
-    out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, value.shape[-1])  # [B, T, N, Hv]
-    return out, weights.reshape(B, N, T, S), lse.reshape(B, N, T)
+    out, weights, lse = over_heads(
+        one_head, query, key, value, pairs=(bias, mask, keep), per_head=score_params,
+        per_example=limits,
+    )  # out [B, N, T, Hv]; weights [B, N, T, S]; lse [B, N, T]
+    return heads_to_rows(out), weights, lse
+
+
+def run(call: Call) -> Result:
+    """The registry's entry: scaled dot-product scores."""
+    out, weights, lse = reference_attention(
+        call.query, call.key, call.value, bias=call.bias, mask=call.mask,
+        visibility=call.visibility,
+        score_fn=functools.partial(scaled_dot_product_score, scale=call.scale),
+        score_mod=call.score_mod, mask_mod=call.mask_mod, dropout_rate=call.dropout_rate,
+        dropout_key=call.dropout_key,
+    )
+    return Result(out, lse, weights)
+
+
+register(
+    Implementation(
+        "reference",
+        run,
+        "the single-head kernel vmapped over heads and batch; forms the [T, S] weights",
+        supports=ALL_FEATURES,
+        quadratic_memory=True,
+    )
+)

@@ -1,7 +1,7 @@
 """flaxattn.nn: flax.nnx modules and models, thin shells over `flaxattn.kernels`.
 
 Modules hold parameters; every attention computation is a call to a kernel
-(`flaxattn.dot_product_attention`, `flaxattn.attention`, `flaxattn.additive_attention`).
+(`flaxattn.dot_product_attention`, `flaxattn.scored_attention`, `flaxattn.additive_attention`).
 
 - Attention layers: `MultiHeadAttention` (GQA, RoPE, KV cache, head interventions),
   `AdditiveAttention` (Bahdanau), `MultiplicativeAttention` (Luong "general").

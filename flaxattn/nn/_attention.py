@@ -6,6 +6,7 @@ decoding), N query heads, K key/value heads (K divides N), H head dim, F feature
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from flax import nnx
 from jax import Array
 from jaxtyping import Bool, Float, Int
 
-from flaxattn.kernels import IMPLEMENTATIONS, combine_masks, dot_product_attention
+from flaxattn.kernels import combine_masks, dot_product_attention, get_implementation
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._cache import KVCache
 from flaxattn.nn._capture import Capturable, capture_reference_weights
@@ -30,10 +31,10 @@ class MultiHeadAttention(Capturable, nnx.Module):
     """Multi-head attention (Vaswani et al. 2017) with GQA, RoPE and a KV cache.
 
     The module holds the q/k/v/out projections (`nnx.LinearGeneral`, the same parameter tree
-    as `flax.nnx.MultiHeadAttention`) and calls `attention_fn` for the attention itself.
+    as `flax.nnx.MultiHeadAttention`) and calls `attention` for the attention itself.
 
         q = x_q W_q [B, T, N, H];  k, v = x_kv W_k, x_kv W_v [B, S, K, H]
-        out = attention_fn(q, k, v, bias, mask, ...) [B, T, N, H] · W_o -> [B, T, F_out]
+        out = attention(q, k, v, bias, mask, ...) [B, T, N, H] · W_o -> [B, T, F_out]
 
     Args:
       num_heads: N.
@@ -46,9 +47,12 @@ class MultiHeadAttention(Capturable, nnx.Module):
       dropout_rate: dropout on the attention weights (when not deterministic).
       normalize_qk: LayerNorm (no bias) on each head of q and k (ViT-22B).
       rope: `RoPE` settings, or True for the defaults, to rotate q and k by position.
-      implementation: passed to the kernel (`'reference'`, `'blocked'`, ...; None = its rule).
-      attention_fn: any function with the signature of `flaxattn.dot_product_attention`
-        (the default); only the keywords in use are passed.
+      attention: the one choice of attention: the name of a registered implementation
+        (`'reference'`, `'blocked'`, `'pallas'`, ...: `flaxattn.dot_product_attention` with
+        that `implementation`), any function with `dot_product_attention`'s signature (e.g.
+        `flaxattn.ring_attention_fn(mesh)`; only the keywords in use are passed), or None for
+        `dot_product_attention`'s own rule.
+      implementation, attention_fn: deprecated spellings of `attention` (until 0.3).
       kind: `'self'` or `'cross'`, as recorded by `capture_attention`.
       dtype, param_dtype: computation and parameter dtypes of the projections.
       rngs: parameter initialisation, and the dropout stream when `dropout_rate > 0`.
@@ -67,6 +71,7 @@ class MultiHeadAttention(Capturable, nnx.Module):
         dropout_rate: float = 0.0,
         normalize_qk: bool = False,
         rope: RoPE | bool | None = None,
+        attention: str | Callable[..., Array] | None = None,
         implementation: str | None = None,
         attention_fn: Callable[..., Array] | None = None,
         kind: Literal["self", "cross"] = "self",
@@ -86,8 +91,7 @@ class MultiHeadAttention(Capturable, nnx.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}).")
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
-        if implementation is not None:
-            check_choice("implementation", implementation, IMPLEMENTATIONS)
+        attention = _one_attention(attention, implementation, attention_fn)
         check_choice("kind", kind, KINDS)
         rope = RoPE() if rope is True else (None if rope is False else rope)
         if rope is not None and not isinstance(rope, RoPE):
@@ -101,8 +105,7 @@ class MultiHeadAttention(Capturable, nnx.Module):
         self.out_features = in_features if out_features is None else out_features
         self.dropout_rate = dropout_rate
         self.rope = rope
-        self.implementation = implementation
-        self.attention_fn = dot_product_attention if attention_fn is None else attention_fn
+        self.attention = attention
         self.kind = kind
         self.deterministic = False  # default when a call passes deterministic=None
         self.capture = None
@@ -210,12 +213,15 @@ class MultiHeadAttention(Capturable, nnx.Module):
         visibility = {k: v for k, v in visibility.items() if v is not None and v is not False}
 
         kwargs = dict(visibility)
-        if self.implementation is not None:
-            kwargs["implementation"] = self.implementation
+        attention_fn = self.attention
+        if attention_fn is None or isinstance(attention_fn, str):
+            if attention_fn is not None:
+                kwargs["implementation"] = attention_fn
+            attention_fn = dot_product_attention
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.dropout_rate > 0.0 and not deterministic:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_key=self.rngs())
-        x = self.attention_fn(query, key, value, bias, mask, **kwargs)  # [B, T, N, H]
+        x = attention_fn(query, key, value, bias, mask, **kwargs)  # [B, T, N, H]
 
         if self.capture is not None:
             self.sow_captured(
@@ -239,14 +245,54 @@ class MultiHeadAttention(Capturable, nnx.Module):
         visibility["key_value_seq_lengths"] = jnp.broadcast_to(old.index + new, (B,)).astype(
             jnp.int32
         )
-        if visibility["is_causal"] and self.implementation in ("xla", "cudnn"):
-            # jax.nn has no bottom-right alignment: hide the later keys with a mask instead.
+        if visibility["is_causal"] and not _aligns_bottom_right(self.attention):
+            # e.g. jax.nn (xla, cudnn): hide the later keys with a mask instead.
             later = jnp.arange(cache.max_length)[None, :] > old.index + jnp.arange(T)[:, None]
             mask = combine_masks(mask, ~later)  # [T, L] with the caller's mask
             visibility["is_causal"] = False
         elif visibility["is_causal"]:
             visibility["causal_alignment"] = "bottom_right"
         return cache.key, cache.value, mask, visibility
+
+
+def _one_attention(
+    attention: str | Callable | None, implementation: str | None, attention_fn: Callable | None
+) -> str | Callable | None:
+    """The module's one attention choice, from `attention` or its deprecated spellings."""
+    given = {
+        name: value
+        for name, value in (("attention", attention), ("implementation", implementation),
+                            ("attention_fn", attention_fn))
+        if value is not None
+    }
+    if len(given) > 1:
+        raise ValueError(
+            f"pass one of attention, implementation and attention_fn, got {sorted(given)}."
+        )
+    for old in ("implementation", "attention_fn"):
+        if old in given:
+            warnings.warn(
+                f"MultiHeadAttention({old}=...) is deprecated and will be removed in flaxattn "
+                "0.3; pass attention=... (a name or a function).",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+    choice = next(iter(given.values()), None)
+    if isinstance(choice, str):
+        get_implementation(choice)  # a ValueError listing the names for an unknown one
+    elif choice is not None and not callable(choice):
+        raise TypeError(
+            f"attention must be an implementation name, a function or None, got {choice!r}."
+        )
+    return choice
+
+
+def _aligns_bottom_right(attention: str | Callable | None) -> bool:
+    """Whether `attention` takes `causal_alignment='bottom_right'` (asked of the registry for
+    a name; a function is trusted to, as `dot_product_attention` and the ring do)."""
+    if isinstance(attention, str):
+        return "bottom_right" in get_implementation(attention).supports
+    return True
 
 
 def _check_features(name: str, x: Array, features: int) -> None:

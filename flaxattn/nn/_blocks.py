@@ -67,7 +67,8 @@ class _TransformerLayer(nnx.Module):
       attention_dropout_rate: on the attention weights.
       pre_ln: pre-LN (True) or post-LN.
       rope: RoPE settings for the self-attention, or None.
-      implementation, attention_fn, normalize_qk, use_bias: passed to `MultiHeadAttention`.
+      attention, normalize_qk, use_bias: passed to `MultiHeadAttention` (`implementation`
+        and `attention_fn` are its deprecated spellings of `attention`).
       activation: `'gelu'` or `'relu'`.
     """
 
@@ -83,6 +84,7 @@ class _TransformerLayer(nnx.Module):
         attention_dropout_rate: float = 0.0,
         pre_ln: bool = True,
         rope: RoPE | None = None,
+        attention: str | Callable[..., Array] | None = None,
         implementation: str | None = None,
         attention_fn: Callable[..., Array] | None = None,
         normalize_qk: bool = False,
@@ -92,8 +94,8 @@ class _TransformerLayer(nnx.Module):
     ):
         attention = dict(
             num_kv_heads=num_kv_heads, dropout_rate=attention_dropout_rate,
-            normalize_qk=normalize_qk, use_bias=use_bias, implementation=implementation,
-            attention_fn=attention_fn, rngs=rngs,
+            normalize_qk=normalize_qk, use_bias=use_bias, attention=attention,
+            implementation=implementation, attention_fn=attention_fn, rngs=rngs,
         )
         sublayer = dict(pre_ln=pre_ln, dropout_rate=dropout_rate, rngs=rngs)
         self.self_attention = MultiHeadAttention(

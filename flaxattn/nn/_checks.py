@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -20,3 +21,19 @@ def check_tokens(name: str, tokens: Any) -> None:
             f"{name} must be an int array [B, T], got {getattr(tokens, 'dtype', type(tokens))} "
             f"shape {getattr(tokens, 'shape', None)}."
         )
+
+
+def attention_choice(owner: str, attention: Any, attention_fn: Any, default: Any = None) -> Any:
+    """The one attention choice of a layer, stack or model: `attention` (a name or a function),
+    or the deprecated `attention_fn`, or `default` (e.g. the config's `implementation`)."""
+    if attention_fn is not None:
+        if attention is not None:
+            raise ValueError(f"{owner}: pass attention or attention_fn, not both.")
+        warnings.warn(
+            f"{owner}(attention_fn=...) is deprecated and will be removed in flaxattn 0.3; "
+            "pass attention=... (a name or a function).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        attention = attention_fn
+    return default if attention is None else attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from flaxattn.kernels import IMPLEMENTATIONS
+from flaxattn.kernels import get_implementation
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._checks import check_positive
 
@@ -32,7 +32,7 @@ class TransformerConfig:
     dropout_rate: float = 0.0  # dropout on embeddings, sublayer outputs and the FFN hidden layer
     pre_ln: bool = True  # LayerNorm before each sublayer (pre-LN) or after the residual (post-LN)
     positional: Positional = "sinusoidal"  # how positions enter: added, rotated, or as a bias
-    implementation: str | None = None  # kernel implementation (flaxattn.dot_product_attention)
+    implementation: str | None = None  # attention implementation's name (None: the default rule)
     attention_dropout_rate: float = 0.0  # dropout on the attention weights
     num_encoder_layers: int | None = None  # encoder depth (None = num_layers)
     src_vocab_size: int | None = None  # encoder vocabulary (None = vocab_size)
@@ -64,7 +64,7 @@ class TransformerConfig:
         check_choice("positional", self.positional, POSITIONAL)
         check_choice("activation", self.activation, ACTIVATIONS)
         if self.implementation is not None:
-            check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+            get_implementation(self.implementation)  # unknown names list the registered ones
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(
                 f"positional='rope' needs an even head dim, got d_model / num_heads = "

@@ -3,7 +3,7 @@
     f(q) = Σ_s softmax_s(-(q - k_s)² / (2h²)) v_s          (Nadaraya 1964, Watson 1964)
 
 A Gaussian kernel normalised over the keys is a softmax over the scores `-(q - k)² / (2h²)`,
-so the pooling is `flaxattn.attention` with that score function.
+so the pooling is `flaxattn.scored_attention` with that score function.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flax import nnx
 from jax import Array
 from jaxtyping import Float, Int
 
-from flaxattn.kernels import attention
+from flaxattn.kernels import scored_attention
 from flaxattn.nn._capture import Capturable
 
 
@@ -69,7 +69,7 @@ class NadarayaWatson(Capturable, nnx.Module):
                              f"{values.shape}.")
         inverse_two_h2 = 1.0 / (2.0 * jnp.square(self.h))
         as_heads = lambda x: jnp.asarray(x, jnp.float32)[:, :, None, None]  # [B, L, 1, 1]
-        results = attention(
+        results = scored_attention(
             as_heads(queries), as_heads(keys), as_heads(values), score_fn=gaussian_score,
             score_params=(inverse_two_h2[None],), key_value_seq_lengths=key_value_seq_lengths,
             return_weights=self.capture is not None,

@@ -12,7 +12,7 @@ from jax import Array
 from jaxtyping import Float, Int
 
 from flaxattn.nn._blocks import dropout_layer
-from flaxattn.nn._checks import check_positive, check_tokens
+from flaxattn.nn._checks import attention_choice, check_positive, check_tokens
 from flaxattn.nn._config import TransformerConfig
 from flaxattn.nn._decoding import run_on_copy, sample, scan_decode
 from flaxattn.nn._stacks import TransformerDecoder, TransformerEncoder
@@ -50,12 +50,13 @@ class EncoderDecoderTransformer(_LanguageHead, nnx.Module):
     `decoder/layers/{i}/{self_attention, cross_attention}`.
     """
 
-    def __init__(self, config: TransformerConfig, *, attention_fn: Callable | None = None,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, attention: str | Callable | None = None,
+                 attention_fn: Callable | None = None, rngs: nnx.Rngs):
         self.config = config
-        self.encoder = TransformerEncoder(config, attention_fn=attention_fn, rngs=rngs)
-        self.decoder = TransformerDecoder(config, cross_attention=True,
-                                          attention_fn=attention_fn, rngs=rngs)
+        attention = attention_choice("EncoderDecoderTransformer", attention, attention_fn)
+        self.encoder = TransformerEncoder(config, attention=attention, rngs=rngs)
+        self.decoder = TransformerDecoder(config, cross_attention=True, attention=attention,
+                                          rngs=rngs)
         self._init_head(rngs)
 
     def encode(
@@ -126,11 +127,12 @@ class DecoderLM(_LanguageHead, nnx.Module):
     Attention layers: `decoder/layers/{i}/self_attention`.
     """
 
-    def __init__(self, config: TransformerConfig, *, attention_fn: Callable | None = None,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, *, attention: str | Callable | None = None,
+                 attention_fn: Callable | None = None, rngs: nnx.Rngs):
         self.config = config
-        self.decoder = TransformerDecoder(config, cross_attention=False,
-                                          attention_fn=attention_fn, rngs=rngs)
+        attention = attention_choice("DecoderLM", attention, attention_fn)
+        self.decoder = TransformerDecoder(config, cross_attention=False, attention=attention,
+                                          rngs=rngs)
         self._init_head(rngs)
 
     def __call__(
@@ -199,11 +201,13 @@ class TransformerClassifier(nnx.Module):
     """
 
     def __init__(self, config: TransformerConfig, num_classes: int, *,
-                 attention_fn: Callable | None = None, rngs: nnx.Rngs):
+                 attention: str | Callable | None = None, attention_fn: Callable | None = None,
+                 rngs: nnx.Rngs):
         check_positive("num_classes", num_classes)
         self.config = config
+        attention = attention_choice("TransformerClassifier", attention, attention_fn)
         self.encoder = TransformerEncoder(config, vocab_size=config.vocab_size,
-                                          attention_fn=attention_fn, rngs=rngs)
+                                          attention=attention, rngs=rngs)
         self.dropout = dropout_layer(config.dropout_rate, rngs)
         self.head = nnx.Linear(config.d_model, num_classes, rngs=rngs)
 

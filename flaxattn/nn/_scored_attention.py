@@ -15,7 +15,7 @@ from flax import nnx
 from jax import Array
 from jaxtyping import Bool, Float, Int
 
-from flaxattn.kernels import additive_attention, attention, general_score
+from flaxattn.kernels import additive_attention, general_score, scored_attention
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._attention import KINDS
 from flaxattn.nn._capture import Capturable
@@ -135,6 +135,6 @@ class MultiplicativeAttention(_ScoredAttention):
         self.weight = nnx.Param(init(rngs.params(), (num_heads, query_features, key_features)))
 
     def _kernel(self, query, key, value, **kwargs):
-        return attention(
+        return scored_attention(
             query, key, value, score_fn=general_score, score_params=(self.weight[...],), **kwargs
         )

@@ -22,7 +22,7 @@ from flaxattn.nn._blocks import (
     TransformerEncoderLayer,
     dropout_layer,
 )
-from flaxattn.nn._checks import check_tokens
+from flaxattn.nn._checks import attention_choice, check_tokens
 from flaxattn.nn._config import TransformerConfig
 from flaxattn.nn._positional import (
     LearnedPositionalEmbedding,
@@ -32,12 +32,17 @@ from flaxattn.nn._positional import (
 )
 
 
-def _layer_kwargs(config: TransformerConfig, attention_fn: Callable | None) -> dict[str, Any]:
+def _layer_kwargs(config: TransformerConfig, attention: str | Callable | None) -> dict[str, Any]:
+    if attention is not None and config.implementation is not None:
+        raise ValueError(
+            f"attention={attention!r} and config.implementation={config.implementation!r} are "
+            "two choices of the attention; give one."
+        )
     return dict(
         num_kv_heads=config.num_kv_heads, dropout_rate=config.dropout_rate,
         attention_dropout_rate=config.attention_dropout_rate, pre_ln=config.pre_ln,
         rope=RoPE(base=config.rope_base) if config.positional == "rope" else None,
-        implementation=config.implementation, attention_fn=attention_fn,
+        attention=config.implementation if attention is None else attention,
         normalize_qk=config.normalize_qk, use_bias=config.use_bias,
         activation=config.activation,
     )
@@ -104,15 +109,19 @@ class TransformerEncoder(_Stack):
     Args:
       config: sizes and choices.
       vocab_size: input vocabulary (default `config.source_vocab_size`).
-      attention_fn: passed to every `MultiHeadAttention` (e.g. ring attention).
+      attention: passed to every `MultiHeadAttention` (a name, or a function such as ring
+        attention; default `config.implementation`).
+      attention_fn: deprecated spelling of `attention`.
       rngs: initialisation and dropout.
     """
 
     def __init__(self, config: TransformerConfig, *, vocab_size: int | None = None,
-                 attention_fn: Callable | None = None, rngs: nnx.Rngs):
+                 attention: str | Callable | None = None, attention_fn: Callable | None = None,
+                 rngs: nnx.Rngs):
         vocab_size = config.source_vocab_size if vocab_size is None else vocab_size
         super().__init__(config, vocab_size, causal=False, rngs=rngs)
-        kwargs = _layer_kwargs(config, attention_fn)
+        attention = attention_choice("TransformerEncoder", attention, attention_fn)
+        kwargs = _layer_kwargs(config, attention)
         self.layers = nnx.List([
             TransformerEncoderLayer(config.d_model, config.num_heads, config.d_ff, rngs=rngs,
                                     **kwargs)
@@ -138,14 +147,17 @@ class TransformerDecoder(_Stack):
     Args:
       config: sizes and choices.
       cross_attention: layers attend to an encoder output (False for a decoder-only LM).
-      attention_fn: passed to every `MultiHeadAttention`.
+      attention: passed to every `MultiHeadAttention` (default `config.implementation`).
+      attention_fn: deprecated spelling of `attention`.
       rngs: initialisation and dropout.
     """
 
     def __init__(self, config: TransformerConfig, *, cross_attention: bool,
-                 attention_fn: Callable | None = None, rngs: nnx.Rngs):
+                 attention: str | Callable | None = None, attention_fn: Callable | None = None,
+                 rngs: nnx.Rngs):
         super().__init__(config, config.vocab_size, causal=True, rngs=rngs)
-        kwargs = _layer_kwargs(config, attention_fn)
+        attention = attention_choice("TransformerDecoder", attention, attention_fn)
+        kwargs = _layer_kwargs(config, attention)
         self.layers = nnx.List([
             TransformerDecoderLayer(config.d_model, config.num_heads, config.d_ff,
                                     cross_attention=cross_attention, rngs=rngs, **kwargs)

@@ -29,7 +29,7 @@ from flaxattn.train._loop import (
     make_optimizer,
     train_and_evaluate,
 )
-from flaxattn.train._mesh import DATA_AXIS, make_mesh
+from flaxattn.train._mesh import DATA_AXIS, training_mesh
 from flaxattn.train._metrics import MetricsWriter, truncate_metrics
 from flaxattn.train._registry import make_task
 from flaxattn.train._restore import config_from_dict, export_checkpoint, load_run
@@ -60,7 +60,7 @@ __all__ = [
     "export_checkpoint",
     "load_run",
     "lower_train_step",
-    "make_mesh",
+    "training_mesh",
     "make_optimizer",
     "make_task",
     "masked_cross_entropy",

@@ -60,7 +60,7 @@ class CharLMTask(Task):
         max_len = max(c.context, PROMPT_CHARS + c.sample_chars)
         return DecoderLM(
             transformer_config(c, vocab_size=len(self.vocab), max_len=max_len),
-            attention_fn=self.attention_fn,
+            attention=self.attention_fn,
             rngs=rngs,
         )
 

@@ -63,7 +63,7 @@ class SentimentTask(Task):
         from flaxattn.nn import TransformerClassifier
 
         cfg = transformer_config(c, vocab_size=len(self.vocab), max_len=data.MAX_WORDS + 1)
-        return TransformerClassifier(cfg, NUM_CLASSES, attention_fn=self.attention_fn, rngs=rngs)
+        return TransformerClassifier(cfg, NUM_CLASSES, attention=self.attention_fn, rngs=rngs)
 
     def train_batch(self, step: int) -> Batch:
         c = self.config

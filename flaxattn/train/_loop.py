@@ -35,15 +35,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flaxattn.sharding import RING, RingOrDense, replicate
+from flaxattn.kernels._ring import RingAttentionFn
+from flaxattn.kernels._ring._api import RING_COUNT
+from flaxattn.sharding import replicate
 from flaxattn.train._checkpoint import Checkpointer
 from flaxattn.train._config import TrainConfig, validate_config
 from flaxattn.train._mesh import (
     attention_for_mesh,
     check_batch_size,
-    make_mesh,
     put_batch,
     replicated,
+    training_mesh,
 )
 from flaxattn.train._metrics import MetricsWriter, truncate_metrics
 from flaxattn.train._task import Runner, Task, config_dict
@@ -125,7 +127,7 @@ def lower_train_step(
         from flaxattn.train._registry import make_task
 
         task = make_task(config)
-    mesh = make_mesh(config.data_parallel, config.mesh)
+    mesh = training_mesh(config.data_parallel, config.mesh)
     graphdef, state, rest, tx, _, tags = init_state(task, config, mesh)
     train_step = _make_train_step(task, graphdef, tx, tags, config.seed, mesh)
     batch = put_batch(task.train_batch(step), mesh, shard=task.shard_batch)
@@ -136,13 +138,13 @@ def _record_attention(
     attention_fn: Any, step: int, writer: MetricsWriter | _NoMetrics, main: bool
 ) -> None:
     """After the first step: how the training step's attention calls run (trace-time counts
-    of a RingOrDense), as a metrics record, and a warning (``main``: printed) for any that do
-    not ring."""
-    if not isinstance(attention_fn, RingOrDense):
+    of a ring attention_fn with fallback), as a metrics record, and a warning (``main``:
+    printed) for any that do not ring."""
+    if not isinstance(attention_fn, RingAttentionFn):
         return
     counts = dict(sorted(attention_fn.counts.items()))
     writer.write({"step": step, "split": "meta", "attention_train_step": counts})
-    dense = {k: v for k, v in counts.items() if k != RING}
+    dense = {k: v for k, v in counts.items() if k != RING_COUNT}
     if dense and main:
         print(f"attention: {sum(dense.values())} call(s) of the training step run without "
               f"the ring: {dense}", file=sys.stderr)  # fmt: skip
@@ -237,7 +239,7 @@ def train_and_evaluate(
     started = time.perf_counter()
     main = jax.process_index() == 0  # the process that writes files and prints
 
-    mesh = make_mesh(config.data_parallel, config.mesh)
+    mesh = training_mesh(config.data_parallel, config.mesh)
     if task.shard_batch:
         check_batch_size(config.batch_size, mesh)
     graphdef, state, rest, tx, schedule, tags = init_state(task, config, mesh)
@@ -373,7 +375,7 @@ def train_and_evaluate(
     results["processes"] = jax.process_count()
     results["mesh"] = dict(mesh.shape)
     results["platform"] = jax.devices()[0].platform
-    if isinstance(task.attention_fn, RingOrDense):  # every program of the run, traced calls
+    if isinstance(task.attention_fn, RingAttentionFn):  # every program of the run, traced calls
         results["attention"] = dict(sorted(task.attention_fn.counts.items()))
     if main:
         _write_json(workdir / RESULTS_FILE, results)

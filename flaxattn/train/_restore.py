@@ -11,7 +11,7 @@ from typing import Any
 from flaxattn.train._checkpoint import Checkpointer
 from flaxattn.train._config import CONFIGS, TrainConfig
 from flaxattn.train._loop import EXPORT_FILE, init_state
-from flaxattn.train._mesh import make_mesh
+from flaxattn.train._mesh import training_mesh
 from flaxattn.train._registry import make_task
 from flaxattn.train._task import Runner, Task
 
@@ -43,7 +43,7 @@ def load_run(
             raise ValueError(f"no checkpoint at step {step} in {directory}; steps: {steps}")
         config = config_from_dict(ckpt.restore_meta(step)["config"])
         task = make_task(config)
-        graphdef, state, rest, *_ = init_state(task, config, make_mesh(1))
+        graphdef, state, rest, *_ = init_state(task, config, training_mesh(1))
         state, _ = ckpt.restore(step, like=state)
     finally:
         ckpt.close()

@@ -272,7 +272,7 @@ class SequenceTask(Seq2SeqTask):
         cfg = transformer_config(
             self.config, vocab_size=len(self.vocab), max_len=self.target_width + 1
         )
-        return EncoderDecoderTransformer(cfg, attention_fn=self.attention_fn, rngs=rngs)
+        return EncoderDecoderTransformer(cfg, attention=self.attention_fn, rngs=rngs)
 
 
 class DatesTask(Seq2SeqTask):
@@ -324,4 +324,4 @@ class DatesTask(Seq2SeqTask):
         cfg = transformer_config(
             self.config, vocab_size=len(self.vocab), max_len=data.MAX_SOURCE_LEN + 1
         )
-        return EncoderDecoderTransformer(cfg, attention_fn=self.attention_fn, rngs=rngs)
+        return EncoderDecoderTransformer(cfg, attention=self.attention_fn, rngs=rngs)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from nn_testing import assert_close, assert_useful_grads, normal, rngs
 
+import flaxattn
 import flaxattn.nn as fnn
 
 
@@ -74,7 +75,19 @@ def test_implementations_agree(implementation):
     x = normal(0, (2, 6, 16))
     lengths = np.array([6, 4], np.int32)
     call = nnx.jit(lambda layer: layer(x, is_causal=True, key_value_seq_lengths=lengths))
-    assert_close(call(mha(implementation=implementation)), call(mha(implementation="reference")))
+    assert_close(call(mha(attention=implementation)), call(mha(attention="reference")))
+
+
+def test_the_old_attention_knobs_still_work_with_a_deprecation_warning():
+    x = normal(0, (2, 6, 16))
+    with pytest.warns(DeprecationWarning, match=r"MultiHeadAttention\(implementation=\.\.\.\)"):
+        old = mha(implementation="blocked")
+    with pytest.warns(DeprecationWarning, match=r"MultiHeadAttention\(attention_fn=\.\.\.\)"):
+        old_fn = mha(attention_fn=flaxattn.dot_product_attention)
+    assert_close(old(x), mha(attention="blocked")(x))
+    assert_close(old_fn(x), mha(attention=flaxattn.dot_product_attention)(x))
+    with pytest.raises(ValueError, match="pass one of attention, implementation and attention_fn"):
+        mha(attention="blocked", implementation="reference")
 
 
 def test_head_mask_removes_exactly_one_heads_contribution():
@@ -136,7 +149,7 @@ def test_dropout_is_deterministic_for_the_same_rngs():
         (lambda: mha(qkv_features=10), r"qkv_features \(10\) must be divisible by num_heads \(4\)"),
         (lambda: mha(num_kv_heads=3), r"num_kv_heads \(3\) must divide num_heads \(4\)"),
         (lambda: mha(num_heads=0), "num_heads must be a positive int"),
-        (lambda: mha(implementation="fast"), "implementation must be one of"),
+        (lambda: mha(attention="fast"), "implementation must be one of"),
         (lambda: mha(kind="mixed"), "kind must be one of"),
         (lambda: mha(rope="yes"), "rope must be a RoPE"),
         (lambda: mha(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),

@@ -94,7 +94,7 @@ def test_capture_is_the_same_for_every_implementation(implementation):
     kwargs = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     results = {
         name: fnn.capture_attention(
-            fnn.MultiHeadAttention(4, 16, implementation=name, rngs=rngs()), x, **kwargs
+            fnn.MultiHeadAttention(4, 16, attention=name, rngs=rngs()), x, **kwargs
         )
         for name in ("reference", implementation)
     }

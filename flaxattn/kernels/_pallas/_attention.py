@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 
+from flaxattn.kernels._call import Call, Result
 from flaxattn.kernels._pallas._config import Blocks, KernelConfig
 from flaxattn.kernels._pallas._tiles import LOG2E, TileMath
+from flaxattn.kernels._plan import BlockPlan, plan_blocks
+from flaxattn.kernels._registry import ALL_FEATURES, Implementation, register
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
-from flaxattn.kernels._visibility import Visibility
+from flaxattn.kernels._visibility import Limits, Visibility
 
 BACKENDS = ("triton", "tpu")
 # Triton's tl.dot needs every matmul dimension >= 16.
@@ -26,22 +29,6 @@ TPU_LANES = 128
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _check_mod(name: str, fn) -> None:
-    """A modifier is traced inside the kernel: it may close over no array (a kernel constant)."""
-    if fn is None:
-        return
-    shapes = [jax.ShapeDtypeStruct((2, 2), jnp.float32)] if name == "score_mod" else []
-    shapes += [jax.ShapeDtypeStruct((2, 2), jnp.int32)] * 2
-    consts = jax.make_jaxpr(fn)(*shapes).consts
-    if consts:
-        raise ValueError(
-            f"implementation='pallas' traces {name} inside the kernel, so it may not close over "
-            f"arrays; this one captures {len(consts)} (shapes "
-            f"{[tuple(jnp.shape(c)) for c in consts]}). Use Python numbers, or "
-            "implementation='blocked'."
-        )
 
 
 def _default_blocks(backend: str, interpret: bool, H: int) -> Blocks:
@@ -65,16 +52,7 @@ def _fit(block: tuple[int, int], T: int, S: int, minimum: int) -> tuple[int, int
 def _choose_blocks(
     block_sizes, backend: str, interpret: bool, T: int, S: int, H: int
 ) -> Blocks:
-    if block_sizes is not None:
-        if (
-            not isinstance(block_sizes, (tuple, list))
-            or len(block_sizes) != 2
-            or not all(isinstance(b, int) and b > 0 for b in block_sizes)
-        ):
-            raise ValueError(
-                f"block_sizes must be a (block_q, block_k) pair of positive ints, got "
-                f"{block_sizes!r}."
-            )
+    if block_sizes is not None:  # a pair of positive ints (checked by `prepare`)
         if not interpret and backend == "triton" and not all(
             b >= TRITON_MIN_BLOCK and b == _next_pow2(b) for b in block_sizes
         ):
@@ -117,18 +95,40 @@ def _kernels(backend: str):
     return _triton
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, q_len, kv_len, offset, cfg: KernelConfig):
-    return _kernels(cfg.backend).forward(q, k, v, (q_len, kv_len, offset), cfg)
+class Plans(NamedTuple):
+    """The block plans of the three kernels' blocks (`Blocks`): the forward's and the dq
+    kernel's key lists, the dk/dv kernel's query lists."""
+
+    fwd: BlockPlan
+    dq: BlockPlan
+    dkv: BlockPlan
 
 
-def _flash_fwd(q, k, v, q_len, kv_len, offset, cfg):
-    out, lse = _kernels(cfg.backend).forward(q, k, v, (q_len, kv_len, offset), cfg)
-    return (out, lse), (q, k, v, q_len, kv_len, offset, out, lse)
+def _plans(cfg: KernelConfig, limits: Limits, T: int, S: int, shared: bool) -> Plans:
+    """One `plan_blocks` per distinct block shape (a `mask_mod` may hide anything: no block
+    is then full)."""
+    made: dict[tuple[int, int], BlockPlan] = {}
+    for blocks in (cfg.blocks.fwd, cfg.blocks.dq, cfg.blocks.dkv):
+        if blocks not in made:
+            made[blocks] = plan_blocks(
+                cfg.math.visibility, limits, T, S, *blocks,
+                masked=cfg.math.mask_mod is not None, shared=shared,
+            )
+    return Plans(made[cfg.blocks.fwd], made[cfg.blocks.dq], made[cfg.blocks.dkv])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, limits, plans, cfg: KernelConfig):
+    return _kernels(cfg.backend).forward(q, k, v, limits, plans.fwd, cfg)
+
+
+def _flash_fwd(q, k, v, limits, plans, cfg):
+    out, lse = _kernels(cfg.backend).forward(q, k, v, limits, plans.fwd, cfg)
+    return (out, lse), (q, k, v, limits, plans, out, lse)
 
 
 def _flash_bwd(cfg, residuals, cotangents):
-    q, k, v, q_len, kv_len, offset, out, lse = residuals
+    q, k, v, limits, plans, out, lse = residuals
     d_out, d_lse = cotangents
     # FlashAttention-2's D = rowsum(dO · O); a cotangent on the lse enters as
     # dS = P (dP - D + dlse), so it is folded into D.
@@ -138,9 +138,10 @@ def _flash_bwd(cfg, residuals, cotangents):
     # Base-2 lse; +inf for empty rows so that exp2(s - lse2) is 0 there.
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
     dq, dk, dv = _kernels(cfg.backend).backward(
-        q, k, v, d_out.astype(q.dtype), lse2, delta, (q_len, kv_len, offset), cfg
+        q, k, v, d_out.astype(q.dtype), lse2, delta, limits, (plans.dq, plans.dkv), cfg
     )
-    return dq, dk, dv, None, None, None
+    none = lambda tree: jax.tree.map(lambda _: None, tree)
+    return dq, dk, dv, none(limits), none(plans)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -151,8 +152,6 @@ def pallas_attention(
     key: Float[Array, "B S K H"],
     value: Float[Array, "B S K Hv"],
     *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
     visibility: Visibility | None = None,
     scale: float | None = None,
     score_mod: ScoreMod | None = None,
@@ -167,8 +166,6 @@ def pallas_attention(
       query: `[B, T, N, H]`.
       key: `[B, S, K, H]`; `K` divides `N` (GQA/MQA: kv heads are indexed, never repeated).
       value: `[B, S, K, Hv]`.
-      bias: unsupported (a dense `[T, S]` input defeats the kernel); must be None.
-      mask: unsupported dense mask; must be None. Use `visibility` or `mask_mod`.
       visibility: causal (either alignment), local window, per-example lengths.
       scale: logit multiplier; default `1 / sqrt(H)`.
       score_mod: `(score, q_idx, kv_idx) -> score`, traced into the kernels (no captured
@@ -184,15 +181,6 @@ def pallas_attention(
       `(output [B, T, N, Hv]` in the input dtype, `lse [B, N, T]` float32)`; a row with no
       visible key has output 0 and lse `-inf`.
     """
-    for name, used in (("bias", bias is not None), ("mask", mask is not None)):
-        if used:
-            raise ValueError(
-                f"implementation='pallas' does not support a dense {name}; express it with "
-                "causal / local_window_size / *_seq_lengths / mask_mod / score_mod, or use "
-                "implementation='blocked'."
-            )
-    _check_mod("score_mod", score_mod)
-    _check_mod("mask_mod", mask_mod)
     platform = jax.default_backend()
     if backend is None:
         backend = "tpu" if platform == "tpu" else "triton"
@@ -233,9 +221,36 @@ def pallas_attention(
     k = _pad_axis(_pad_axis(key, 1, Sp), 3, Hp)
     v = _pad_axis(_pad_axis(value, 1, Sp), 3, Hvp)
     limits = visibility.limits(B, T, S)
-    out, lse = _flash(q, k, v, *limits, cfg)
+    shared = visibility.q_lengths is None and visibility.kv_lengths is None
+    out, lse = _flash(q, k, v, limits, _plans(cfg, limits, Tp, Sp, shared), cfg)
     return out[:, :T, :, :Hv], lse[:, :, :T]
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def run(call: Call, *, interpret: bool | Any | None = None, backend: str | None = None) -> Result:
+    """The registry's entry: the call through `pallas_attention`."""
+    out, lse = pallas_attention(
+        call.query, call.key, call.value, visibility=call.visibility, scale=call.scale,
+        score_mod=call.score_mod, mask_mod=call.mask_mod, block_sizes=call.block_sizes,
+        interpret=interpret, backend=backend,
+    )
+    return Result(out, lse)
+
+
+register(
+    Implementation(
+        "pallas",
+        run,
+        "Pallas flash attention (Triton on GPU, Mosaic on TPU; interpret mode on CPU)",
+        # The modifiers are traced into the kernels, so they may not capture arrays; a dense
+        # [T, S] bias or mask would defeat the kernel.
+        supports=ALL_FEATURES - {"bias", "mask", "mod_arrays", "dropout", "weights",
+                                 "traced_scale"},
+        dtypes=frozenset({"float16", "bfloat16", "float32"}),
+        options=("interpret", "backend"),
+        interpreted=lambda platform: platform == "cpu",
+    )
+)

@@ -9,9 +9,8 @@ Tiles come in two orientations: `[bq, bk]` (forward, dq) and `[bk, bq]` (dk/dv, 
 of its matmuls are plain `A @ B`). Masks and modifiers are elementwise on broadcast index
 arrays, so they do not care which.
 
-The block-range helpers are index arithmetic on scalars (usable in kernels and index maps):
-they give the key blocks a query block can see, and the sub-range it sees completely (those
-need no mask), and the same for the query blocks of a key block.
+Which blocks a kernel visits, and which of them need no mask, comes from the block plan
+(`flaxattn.kernels._plan`), computed outside the kernels and passed in as index arrays.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ class TileMath:
         reach the kernel as scalars).
       scale: logit multiplier.
       score_mod: `(score, q_idx, kv_idx) -> score`, or None.
-      mask_mod: `(q_idx, kv_idx) -> bool`, or None; no block is ever "fully visible" with it.
+      mask_mod: `(q_idx, kv_idx) -> bool`, or None (the plan then marks no block full).
       precision: `dot_general` precision (HIGHEST for float32 inputs: no TF32 / bf16 passes).
     """
 
@@ -166,78 +165,3 @@ def dkv_step(
         ds_t = jnp.where(ok, ds_t, 0.0)
     dk = dk + dot(ds_t.astype(q.dtype), q, precision=math_.precision)  # [bk, H]
     return dk, dv
-
-
-# --- block ranges (scalar index arithmetic; every quotient is of a non-negative number) ----
-
-
-def _cdiv(x: Array, b: int) -> Array:
-    return lax.div(jnp.maximum(x, 0) + (b - 1), b)
-
-
-def _floor(x: Array, b: int) -> Array:
-    return lax.div(jnp.maximum(x, 0), b)
-
-
-def _to_blocks(lo, hi, full_lo, full_hi, math_: TileMath, block: int):
-    """Index ranges `[lo, hi)` (any visible) and `[full_lo, full_hi)` (all visible) as blocks."""
-    if math_.mask_mod is not None:  # it may hide anything: no block is known to be full
-        full_hi = full_lo
-    lo_block = _floor(lo, block)
-    hi_block = jnp.where(hi > lo, jnp.maximum(_cdiv(hi, block), lo_block), lo_block)
-    full_lo_block = jnp.clip(_cdiv(full_lo, block), lo_block, hi_block)
-    full_hi_block = jnp.clip(_floor(full_hi, block), full_lo_block, hi_block)
-    return lo_block, hi_block, full_lo_block, full_hi_block
-
-
-def key_blocks(
-    math_: TileMath, q_start: Array, bq: int, bk: int, limits: Limits
-) -> tuple[Array, Array, Array, Array]:
-    """Key blocks of size `bk` for the queries `[q_start, q_start + bq)`.
-
-    Returns:
-      `(lo, hi, full_lo, full_hi)`: blocks `[lo, hi)` hold visible keys; blocks
-      `[full_lo, full_hi)` (a sub-range) are visible to every query of the block, so they
-      need no mask. Empty ranges have `hi == lo`.
-    """
-    vis = math_.visibility
-    q_stop = q_start + bq
-    lo_key, hi_key = vis.key_range(q_start, q_stop, limits)
-    # Keys that every query of the block sees (only if the whole block is valid).
-    first, last = q_start + limits.offset, q_stop - 1 + limits.offset  # query positions
-    full_lo_key, full_hi_key = jnp.zeros_like(q_start), limits.kv_len + jnp.zeros_like(q_start)
-    if vis.is_causal:
-        full_hi_key = jnp.minimum(full_hi_key, first + 1)
-    if vis.window is not None:
-        left, right = vis.window
-        full_lo_key = jnp.maximum(full_lo_key, last - left)
-        full_hi_key = jnp.minimum(full_hi_key, first + right + 1)
-    full_hi_key = jnp.where(q_stop <= limits.q_len, full_hi_key, full_lo_key)
-    return _to_blocks(lo_key, hi_key, full_lo_key, full_hi_key, math_, bk)
-
-
-def query_blocks(
-    math_: TileMath, k_start: Array, bk: int, bq: int, limits: Limits
-) -> tuple[Array, Array, Array, Array]:
-    """Query blocks of size `bq` for the keys `[k_start, k_start + bk)`; as `key_blocks`."""
-    vis = math_.visibility
-    left, right = vis.window or (0, 0)
-    k_stop = k_start + bk
-    zero = jnp.zeros_like(k_start)
-    # Queries seeing any key of the block: position p = q + offset.
-    lo_q, hi_q = zero, limits.q_len + zero
-    if vis.is_causal:  # some key k <= p
-        lo_q = jnp.maximum(lo_q, k_start - limits.offset)
-    if vis.window is not None:  # some key in [p - left, p + right]
-        lo_q = jnp.maximum(lo_q, k_start - right - limits.offset)
-        hi_q = jnp.minimum(hi_q, k_stop - 1 + left - limits.offset + 1)
-    hi_q = jnp.where(k_start < limits.kv_len, hi_q, lo_q)
-    # Queries seeing every key of the block (only if all its keys are valid).
-    full_lo_q, full_hi_q = zero, limits.q_len + zero
-    if vis.is_causal:
-        full_lo_q = jnp.maximum(full_lo_q, k_stop - 1 - limits.offset)
-    if vis.window is not None:
-        full_lo_q = jnp.maximum(full_lo_q, k_stop - 1 - right - limits.offset)
-        full_hi_q = jnp.minimum(full_hi_q, k_start + left - limits.offset + 1)
-    full_hi_q = jnp.where(k_stop <= limits.kv_len, full_hi_q, full_lo_q)
-    return _to_blocks(lo_q, hi_q, full_lo_q, full_hi_q, math_, bq)

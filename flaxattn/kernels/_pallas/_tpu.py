@@ -1,13 +1,14 @@
 """The TPU kernels, written for the Pallas Mosaic TPU lowering.
 
-Mosaic has no per-program loops over HBM refs as the Triton kernels use; instead the grid's
-last axis walks the key blocks (forward, dq) or the `(query head of the group, query block)`
-pairs (dk/dv) sequentially ("arbitrary"), with float32 accumulators in VMEM scratch. Per-example
-lengths and offsets are scalar-prefetched, so the index maps clamp a skipped block to a
-neighbouring visible one: the pipeline sees the same block index and issues no copy, and
-`pl.when` skips the compute. The layout inside is `[B, N, T, H]` (the wrapper transposes),
-whose last two block dims, `(block, H)`, are what Mosaic's (8, 128) tiling wants; the running
-max and sum are lane-replicated `[bq, 128]`, as in jax's own TPU kernels.
+Mosaic has no per-program loops over HBM refs as the Triton kernels use; instead the grid's last
+axis walks the block plan's list (`flaxattn.kernels._plan`) of key blocks (forward, dq) or of
+`(query head of the group, query block)` pairs (dk/dv) sequentially ("arbitrary"), with float32
+accumulators in VMEM scratch. The plan's counts, indices and full flags and the per-example
+lengths are scalar-prefetched: the index maps fetch the listed block, and past the count the
+list repeats its last block, so the pipeline sees the same block index and issues no copy, while
+`pl.when` skips the compute (as splash attention does). The layout inside is `[B, N, T, H]` (the
+wrapper transposes), whose last two block dims, `(block, H)`, are what Mosaic's (8, 128) tiling
+wants; the running max and sum are lane-replicated `[bq, 128]`, as in jax's own TPU kernels.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from flaxattn.kernels._pallas._tiles import (
     dq_step,
     forward_finish,
     forward_step,
-    key_blocks,
-    query_blocks,
     tile_indices,
 )
+from flaxattn.kernels._plan import BlockPlan
 from flaxattn.kernels._visibility import Limits
 
 LANES = 128
@@ -41,29 +41,30 @@ def _limits(b, q_len_ref, kv_len_ref, offset_ref) -> Limits:
     return Limits(q_len_ref[b], kv_len_ref[b], offset_ref[b])
 
 
-def _clamp(index, ranges, count: int):
-    """The block to fetch at grid step `index`: itself if visible, else the nearest visible."""
-    lo, hi, _, _ = ranges
-    return jnp.clip(jnp.clip(index, lo, jnp.maximum(hi - 1, lo)), 0, count - 1)
+def _row(b, shared: bool):
+    """The plan's batch index of example `b`."""
+    return 0 if shared else b
 
 
-def _when_visible(index, ranges, run):
-    """Call `run(masked)` if block `index` is visible: unmasked inside the fully visible range."""
-    lo, hi, full_lo, full_hi = ranges
-    visible = (index >= lo) & (index < hi)
-    full = (index >= full_lo) & (index < full_hi)
-    pl.when(visible & full)(lambda: run(False))
-    pl.when(visible & jnp.logical_not(full))(lambda: run(True))
+def _when_listed(n, count_ref, full_ref, at, run):
+    """Call `run(masked)` at list position `n` if it holds a block (`n < count`), unmasked
+    where the plan marks the block full. `at` indexes the plan's row."""
+    listed = n < count_ref[at]
+    full = full_ref[(*at, n)] != 0
+    pl.when(listed & full)(lambda: run(False))
+    pl.when(listed & jnp.logical_not(full))(lambda: run(True))
 
 
 def _forward_kernel(
-    q_len_ref, kv_len_ref, offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-    m_ref, l_ref, acc_ref, *, math: TileMath, bq: int, bk: int,
+    q_len_ref, kv_len_ref, offset_ref, count_ref, index_ref, full_ref, q_ref, k_ref, v_ref,
+    o_ref, lse_ref, m_ref, l_ref, acc_ref, *, math: TileMath, bq: int, bk: int, shared: bool,
 ):
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     limits = _limits(b, q_len_ref, kv_len_ref, offset_ref)
+    at = (_row(b, shared), i)
+    j = index_ref[(*at, t)]
 
-    @pl.when(j == 0)
+    @pl.when(t == 0)
     def _init():
         m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -79,9 +80,9 @@ def _forward_kernel(
         m_ref[...] = jnp.broadcast_to(row_max, m_ref.shape)
         l_ref[...] = jnp.broadcast_to(row_sum, l_ref.shape)
 
-    _when_visible(j, key_blocks(math, i * bq, bq, bk, limits), run)
+    _when_listed(t, count_ref, full_ref, at, run)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(t == pl.num_programs(3) - 1)
     def _finish():
         out, lse = forward_finish(acc_ref[...], m_ref[...][:, :1], l_ref[...][:, :1])
         o_ref[...] = out.astype(o_ref.dtype)
@@ -89,13 +90,16 @@ def _forward_kernel(
 
 
 def _dq_kernel(
-    q_len_ref, kv_len_ref, offset_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-    dq_ref, dq_acc_ref, *, math: TileMath, bq: int, bk: int,
+    q_len_ref, kv_len_ref, offset_ref, count_ref, index_ref, full_ref, q_ref, k_ref, v_ref,
+    do_ref, lse2_ref, delta_ref, dq_ref, dq_acc_ref, *, math: TileMath, bq: int, bk: int,
+    shared: bool,
 ):
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     limits = _limits(b, q_len_ref, kv_len_ref, offset_ref)
+    at = (_row(b, shared), i)
+    j = index_ref[(*at, t)]
 
-    @pl.when(j == 0)
+    @pl.when(t == 0)
     def _init():
         dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
 
@@ -108,20 +112,23 @@ def _dq_kernel(
             dq_acc_ref[...], q_idx, k_idx, limits, masked=masked,
         )
 
-    _when_visible(j, key_blocks(math, i * bq, bq, bk, limits), run)
+    _when_listed(t, count_ref, full_ref, at, run)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(t == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (dq_acc_ref[...] * math.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    q_len_ref, kv_len_ref, offset_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, math: TileMath, bq: int, bk: int, nq: int,
+    q_len_ref, kv_len_ref, offset_ref, count_ref, index_ref, full_ref, q_ref, k_ref, v_ref,
+    do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, math: TileMath,
+    bq: int, bk: int, nq: int, shared: bool,
 ):
     b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    i = lax.rem(t, nq)  # query block; t // nq is the query head within the group
+    n = lax.rem(t, nq)  # list position; t // nq is the query head within the group
     limits = _limits(b, q_len_ref, kv_len_ref, offset_ref)
+    at = (_row(b, shared), j)
+    i = index_ref[(*at, n)]
 
     @pl.when(t == 0)
     def _init():
@@ -138,7 +145,7 @@ def _dkv_kernel(
         dk_acc_ref[...] = dk
         dv_acc_ref[...] = dv
 
-    _when_visible(i, query_blocks(math, j * bk, bk, bq, limits), run)
+    _when_listed(n, count_ref, full_ref, at, run)
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _finish():
@@ -146,14 +153,19 @@ def _dkv_kernel(
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _kv_index_map(cfg: KernelConfig, bq: int, bk: int, nk: int):
-    """Index map of a K or V block for grid `(b, n, i, j)`: kv head `n // G`, block `j` clamped."""
+def _kv_index_map(cfg: KernelConfig, shared: bool):
+    """Index map of a K or V block for grid `(b, n, i, t)`: kv head `n // G`, the `t`-th key
+    block the plan lists for query block `i` (past the count, the last one again)."""
 
-    def index(b, n, i, j, *refs):
-        ranges = key_blocks(cfg.math, i * bq, bq, bk, _limits(b, *refs))
-        return b, lax.div(n, cfg.groups), _clamp(j, ranges, nk), 0
+    def index(b, n, i, t, q_len, kv_len, offset, count, kv_index, full):
+        return b, lax.div(n, cfg.groups), kv_index[_row(b, shared), i, t], 0
 
     return index
+
+
+def _prefetch(limits: Limits, count, index, full) -> tuple:
+    """The scalar-prefetched arrays: lengths, then the plan's count, indices and full flags."""
+    return (*limits, count, index, full.astype(jnp.int32))
 
 
 def _interpret(cfg: KernelConfig):
@@ -169,19 +181,22 @@ def _params(semantics) -> pltpu.CompilerParams:
 _SEQUENTIAL_LAST = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def forward(q, k, v, limits: Limits, cfg: KernelConfig):
-    """`q [B, Tp, N, H]`, `k [B, Sp, K, H]`, `v [B, Sp, K, Hv]` -> `(out, lse [B, N, Tp])`."""
+def forward(q, k, v, limits: Limits, plan: BlockPlan, cfg: KernelConfig):
+    """`q [B, Tp, N, H]`, `k [B, Sp, K, H]`, `v [B, Sp, K, Hv]` -> `(out, lse [B, N, Tp])`;
+    `plan` has the forward's blocks."""
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, length, H]
     B, N, T, H = q.shape
     S, Hv = k.shape[2], v.shape[-1]
     bq, bk = cfg.blocks.fwd
     nk = S // bk
-    kv_index = _kv_index_map(cfg, bq, bk, nk)
+    shared = plan.kv_count.shape[0] == 1
+    kv_index = _kv_index_map(cfg, shared)
     q_index = lambda b, n, i, j, *refs: (b, n, i, 0)
+    prefetch = _prefetch(limits, plan.kv_count, plan.kv_index, plan.kv_full)
     out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, math=cfg.math, bq=bq, bk=bk),
+        functools.partial(_forward_kernel, math=cfg.math, bq=bq, bk=bk, shared=shared),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=len(prefetch),
             grid=(B, N, T // bq, nk),
             in_specs=[
                 pl.BlockSpec((None, None, bq, H), q_index),
@@ -205,26 +220,30 @@ def forward(q, k, v, limits: Limits, cfg: KernelConfig):
         compiler_params=_params(_SEQUENTIAL_LAST),
         interpret=_interpret(cfg),
         name="flaxattn_flash_forward_tpu",
-    )(*limits, q, k, v)
+    )(*prefetch, q, k, v)
     return jnp.swapaxes(out, 1, 2), lse[..., 0]
 
 
-def backward(q, k, v, do, lse2, delta, limits: Limits, cfg: KernelConfig):
-    """Gradients `(dq, dk, dv)`; `lse2` and `delta` are `[B, N, Tp]` f32."""
+def backward(q, k, v, do, lse2, delta, limits: Limits, plans, cfg: KernelConfig):
+    """Gradients `(dq, dk, dv)`; `lse2` and `delta` are `[B, N, Tp]` f32; `plans` has the dq
+    kernel's and the dk/dv kernel's block plans."""
     q, k, v, do = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))  # [B, heads, length, ·]
     B, N, T, H = q.shape
     K, S, Hv, G = k.shape[1], k.shape[2], v.shape[-1], cfg.groups
     lse2, delta = lse2[:, :, None, :], delta[:, :, None, :]  # [B, N, 1, T]: rows on lanes
+    dq_plan, dkv_plan = plans
 
     bq, bk = cfg.blocks.dq
     nk = S // bk
-    kv_index = _kv_index_map(cfg, bq, bk, nk)
+    shared = dq_plan.kv_count.shape[0] == 1
+    kv_index = _kv_index_map(cfg, shared)
     q_index = lambda b, n, i, j, *refs: (b, n, i, 0)
     row_index = lambda b, n, i, j, *refs: (b, n, 0, i)
+    prefetch = _prefetch(limits, dq_plan.kv_count, dq_plan.kv_index, dq_plan.kv_full)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, math=cfg.math, bq=bq, bk=bk),
+        functools.partial(_dq_kernel, math=cfg.math, bq=bq, bk=bk, shared=shared),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=len(prefetch),
             grid=(B, N, T // bq, nk),
             in_specs=[
                 pl.BlockSpec((None, None, bq, H), q_index),
@@ -241,14 +260,16 @@ def backward(q, k, v, do, lse2, delta, limits: Limits, cfg: KernelConfig):
         compiler_params=_params(_SEQUENTIAL_LAST),
         interpret=_interpret(cfg),
         name="flaxattn_flash_dq_tpu",
-    )(*limits, q, k, v, do, lse2, delta)
+    )(*prefetch, q, k, v, do, lse2, delta)
 
     bq, bk = cfg.blocks.dkv
     nq = T // bq
+    shared = dkv_plan.q_count.shape[0] == 1
+    prefetch = _prefetch(limits, dkv_plan.q_count, dkv_plan.q_index, dkv_plan.q_full)
 
     def q_block(b, h, j, t, refs):
-        ranges = query_blocks(cfg.math, j * bk, bk, bq, _limits(b, *refs))
-        return h * G + lax.div(t, nq), _clamp(lax.rem(t, nq), ranges, nq)
+        q_index = refs[4]  # the plan's lists: [P, nk, nq]
+        return h * G + lax.div(t, nq), q_index[_row(b, shared), j, lax.rem(t, nq)]
 
     def q_index(b, h, j, t, *refs):
         n, i = q_block(b, h, j, t, refs)
@@ -260,9 +281,9 @@ def backward(q, k, v, do, lse2, delta, limits: Limits, cfg: KernelConfig):
 
     kv_index = lambda b, h, j, t, *refs: (b, h, j, 0)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, math=cfg.math, bq=bq, bk=bk, nq=nq),
+        functools.partial(_dkv_kernel, math=cfg.math, bq=bq, bk=bk, nq=nq, shared=shared),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=len(prefetch),
             grid=(B, K, S // bk, G * nq),
             in_specs=[
                 pl.BlockSpec((None, None, bq, H), q_index),
@@ -288,5 +309,5 @@ def backward(q, k, v, do, lse2, delta, limits: Limits, cfg: KernelConfig):
         compiler_params=_params(_SEQUENTIAL_LAST),
         interpret=_interpret(cfg),
         name="flaxattn_flash_dkv_tpu",
-    )(*limits, q, k, v, do, lse2, delta)
+    )(*prefetch, q, k, v, do, lse2, delta)
     return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
