@@ -1,4 +1,5 @@
-"""Shared test helpers: PRNG fixtures and an independent numpy oracle for attention.
+"""Shared test helpers: PRNG fixtures, the float64 reference of `flaxattn.testing` as a fixture,
+and the 8-device set-up of the `multidevice` tests.
 
 Kept minimal and side-effect free: nothing here changes global JAX configuration. Test
 modules that want strict shapes opt in with
@@ -15,10 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-# Tolerances used across the kernel tests, stated once. float32 results are compared with a
-# float64 numpy oracle (or with jax.nn, which also works in float32); bf16 / fp16 results
-# differ from those by the rounding of the inputs' dtype (bf16 has an 8-bit mantissa, fp16
-# 11 bits) on outputs of magnitude ~1.
+from flaxattn import testing
+
+# Tolerances of the kernel tests that compare the reference implementation with jax.nn or the
+# float64 reference: bf16 / fp16 results differ by the rounding of the inputs' dtype (bf16 has
+# an 8-bit mantissa, fp16 11 bits) on outputs of magnitude ~1. (The conformance suite's are
+# `flaxattn.testing.TOLERANCES`, wider for the 16-bit products of the tiled kernels.)
 TOLERANCES = {
     "float32": dict(atol=2e-5, rtol=2e-5),
     "bfloat16": dict(atol=2e-2, rtol=2e-2),
@@ -46,7 +49,7 @@ def prng_key() -> jax.Array:
     return jax.random.key(0)
 
 
-# --- The numpy oracle: written from the formulas, independent of flaxattn's code. ---------
+# --- The float64 reference (flaxattn.testing), in the shapes these tests use. -----------
 
 
 def np_visibility(
@@ -60,74 +63,17 @@ def np_visibility(
     kv_lengths=None,
     alignment: str = "top_left",
 ) -> np.ndarray:
-    """Dense `[B, 1, T, S]` visibility built element by element.
-
-    Query `i` of example `b` sits at key position `p = i` (top-left) or
-    `p = kv_len - q_len + i` (bottom-right). It sees key `j` iff `i < q_len`, `j < kv_len`,
-    `j <= p` when causal and `p - left <= j <= p + right` with a window.
-    """
-    if isinstance(window, int):
-        window = (window, window)
-    out = np.zeros((B, 1, T, S), bool)
-    for b in range(B):
-        q_len = T if q_lengths is None else int(q_lengths[b])
-        kv_len = S if kv_lengths is None else int(kv_lengths[b])
-        offset = kv_len - q_len if alignment == "bottom_right" else 0
-        for i in range(T):
-            for j in range(S):
-                if i >= q_len or j >= kv_len:
-                    continue
-                p = i + offset
-                if is_causal and j > p:
-                    continue
-                if window is not None and not (p - window[0] <= j <= p + window[1]):
-                    continue
-                out[b, 0, i, j] = True
-    return out
+    """Dense `[B, 1, T, S]` visibility (`flaxattn.testing.visibility`)."""
+    return testing.visibility(B, T, S, is_causal=is_causal, window=window, q_lengths=q_lengths,
+                              kv_lengths=kv_lengths, causal_alignment=alignment)[:, None]
 
 
 def np_attention(q, k, v, *, bias=None, mask=None, scale=None, logits_fn=None):
-    """Grouped-query attention in float64 numpy, with output 0 for rows with nothing visible.
-
-    Args:
-      q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, Hv]` (K divides N; query head `n`
-        uses kv head `n // (N // K)`).
-      bias, mask: broadcastable to `[B, N, T, S]` (mask boolean, True = attend).
-      scale: default `1 / sqrt(H)`.
-      logits_fn: optional `(q [T, D], k [S, E], n) -> [T, S]` replacing the scaled dot product
-        for head `n` (for other score functions).
-
-    Returns:
-      `(out [B, T, N, Hv], weights [B, N, T, S], lse [B, N, T])`, float64; the lse of an empty
-      row is -inf.
-    """
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    k_rep = np.repeat(k, G, axis=2)  # [B, S, N, H]
-    v_rep = np.repeat(v, G, axis=2)
-    if logits_fn is None:
-        scale = 1.0 / np.sqrt(H) if scale is None else scale
-        logits = np.einsum("btnh,bsnh->bnts", q, k_rep) * scale
-    else:
-        logits = np.zeros((B, N, T, S))
-        for b in range(B):
-            for n in range(N):
-                logits[b, n] = logits_fn(q[b, :, n], k_rep[b, :, n], n)
-    if bias is not None:
-        logits = logits + np.asarray(bias, np.float64)
-    visible = np.broadcast_to(True if mask is None else np.asarray(mask, bool), (B, N, T, S))
-    logits = np.where(visible, logits, -np.inf)
-    any_visible = visible.any(-1, keepdims=True)
-    row_max = np.where(any_visible, logits.max(-1, keepdims=True, initial=-np.inf), 0.0)
-    e = np.where(visible, np.exp(logits - row_max), 0.0)
-    total = e.sum(-1, keepdims=True)
-    weights = e / np.where(total == 0, 1.0, total)
-    out = np.einsum("bnts,bsnh->btnh", weights, v_rep)
-    with np.errstate(divide="ignore"):
-        lse = np.where(total > 0, np.log(np.where(total > 0, total, 1.0)) + row_max, -np.inf)
-    return out, weights, lse[..., 0]
+    """`(out [B, T, N, Hv], weights [B, N, T, S], lse [B, N, T])` of `flaxattn.testing.reference`
+    in float64; `logits_fn(q [T, D], k [S, E], n) -> [T, S]` replaces the scaled dot product."""
+    ref = testing.reference(q, k, v, bias, mask, scale=scale, logits_fn=logits_fn,
+                            return_weights=True)  # fmt: skip
+    return ref.out, ref.weights, ref.lse
 
 
 def make_qkv(rng: np.random.Generator, B, T, S, N, K, H, Hv=None, dtype=np.float32):

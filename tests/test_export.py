@@ -80,7 +80,7 @@ def test_roundtrip_exact(tmp_path, seq2seq):
     np.testing.assert_array_equal(kl, [5, 3])
     # Plain numpy reads it without pickles.
     with np.load(path, allow_pickle=False) as raw:
-        assert str(raw["format"]) == "flaxattn.scored_attention"
+        assert str(raw["format"]) == "flaxattn.attention"
         assert json.loads(str(raw["meta"]))["task"] == "reverse"
 
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxattn import testing
 from flaxattn.bench._implementations import IMPLEMENTATIONS, Implementation, Pattern, Where
-from flaxattn.bench._reference import reference_forward, reference_gradients
 from flaxattn.bench._sweep import Point, Sweep, check_sweep, points
 from flaxattn.bench._timing import (
     attention_flops,
@@ -134,19 +134,20 @@ class _Reference:
         name = None if pattern is None else pattern.name
         if name not in self._forward:
             q, k, v, _ = self._as_f64()
-            self._forward[name] = reference_forward(
-                q, k, v, scale=self.point.head_dim**-0.5, causal=self.point.causal,
-                rows=self.rows, pattern=self._visible(pattern),
-            )
+            self._forward[name] = testing.reference(
+                q, k, v, scale=self.point.head_dim**-0.5, is_causal=self.point.causal,
+                rows=self.rows, visible=self._visible(pattern),
+            ).out
         return self._forward[name]
 
     def gradients(self, pattern: Pattern | None = None):
         name = None if pattern is None else pattern.name
         if name not in self._gradients and self.full:
-            self._gradients[name] = reference_gradients(
-                *self._as_f64(), scale=self.point.head_dim**-0.5, causal=self.point.causal,
-                pattern=self._visible(pattern),
-            )[1:]
+            q, k, v, d_out = self._as_f64()
+            self._gradients[name] = testing.reference(
+                q, k, v, d_out=d_out, scale=self.point.head_dim**-0.5,
+                is_causal=self.point.causal, visible=self._visible(pattern),
+            ).grads[:3]
         return self._gradients.get(name)
 
     def errors(self, result, pattern: Pattern | None = None) -> tuple[float, float | None]:

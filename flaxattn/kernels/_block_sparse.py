@@ -93,8 +93,8 @@ def gathered_block_attention(
     Tp, Sp = -(-T // b) * b, -(-S // b) * b
     limits = visibility.limits(B, T, S)  # real lengths: padded rows and keys are hidden
 
-    def pad(x, axis, size):
-        if x is None or x.shape[axis] == 1:
+    def pad(x, axis, size, broadcast=True):  # a broadcast bias/mask axis of 1 stays 1
+        if x is None or (broadcast and x.shape[axis] == 1):
             return x
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, size - x.shape[axis])
@@ -139,7 +139,7 @@ def gathered_block_attention(
         return out.reshape(Tp, -1)
 
     out = over_heads(
-        one_head, pad(query, 1, Tp), pad(key, 1, Sp), pad(value, 1, Sp),
+        one_head, pad(query, 1, Tp, False), pad(key, 1, Sp, False), pad(value, 1, Sp, False),
         pairs=(pad(pad(bias, 2, Tp), 3, Sp), pad(pad(mask, 2, Tp), 3, Sp)), per_example=limits,
     )  # [B, N, Tp, Hv]
     return heads_to_rows(out)[:, :T].astype(query.dtype)

@@ -11,7 +11,7 @@ is raised in exactly one place, `Implementation.check`, with the same wording fo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import jax
@@ -58,6 +58,7 @@ class Implementation:
         `'approximate'` (a different similarity: linear attention, random features).
       dtypes: the input dtypes it takes.
       platforms: where it runs (`jax.default_backend()`: cpu, gpu, tpu).
+      dtypes_on: per platform, the input dtypes it takes there if fewer than `dtypes`.
       options: keyword options of `run` beyond the call (e.g. a ring's `mesh`);
       required: the options without which it cannot run (then only its own entry point,
         which passes them, can call it).
@@ -65,6 +66,8 @@ class Implementation:
       min_kv_length: `choose_implementation` prefers it only from this many keys on.
       quadratic_memory: it materialises `[B, N, T, S]` logits or weights.
       bias_grad: gradients flow to `bias` (stated for the README's table).
+      zero_empty_rows: a query row with no visible key gives output 0 (flaxattn's convention);
+        False for the jax.nn delegates, which give the average of all values there.
       interpreted: `platform -> bool`: it runs interpreted there (Pallas on CPU): correct,
         but not a timing.
     """
@@ -76,12 +79,14 @@ class Implementation:
     kind: Kind = "exact"
     dtypes: frozenset[str] = FLOAT_DTYPES
     platforms: frozenset[str] = PLATFORMS
+    dtypes_on: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset()
     min_kv_length: int = 0
     quadratic_memory: bool = False
     bias_grad: bool = True
+    zero_empty_rows: bool = True
     interpreted: Callable[[str], bool] = lambda platform: False
 
     def __post_init__(self):
@@ -104,6 +109,9 @@ class Implementation:
         dtype = str(call.query.dtype)
         if dtype not in self.dtypes:
             return f"inputs of dtype {dtype}"
+        platform = jax.default_backend()
+        if dtype not in self.dtypes_on.get(platform, self.dtypes):
+            return f"inputs of dtype {dtype} on the {platform!r} backend"
         for feature in FEATURES:
             if feature not in self.supports and call.uses(feature):
                 return FEATURES[feature]

@@ -1,4 +1,8 @@
-"""`'xla'` and `'cudnn'`: delegate to `jax.nn.dot_product_attention`, for comparison."""
+"""`'xla'` and `'cudnn'`: delegate to `jax.nn.dot_product_attention`, for comparison.
+
+They keep jax.nn's convention for a query row with no visible key (the average of all values,
+where flaxattn gives 0): the registry states it (`zero_empty_rows=False`).
+"""
 
 from __future__ import annotations
 
@@ -25,24 +29,26 @@ def run(call: Call, *, implementation: str) -> Result:
     return Result(out, jax.numpy.swapaxes(lse, 1, 2))
 
 
-# jax.nn has no modifiers, weights, dropout, bottom-right alignment or block sizes.
+# jax.nn has no modifiers, weights, dropout, bottom-right alignment or value head dims of
+# their own.
 _SUPPORTS = frozenset(
-    {"bias", "mask", "causal", "window", "lengths", "gqa", "value_head_dim", "residual",
-     "traced_scale"}
+    {"bias", "mask", "causal", "window", "lengths", "gqa", "residual", "traced_scale"}
 )
 
 register(
     Implementation(
         "xla", functools.partial(run, implementation="xla"),
         "jax.nn.dot_product_attention with XLA's implementation (materialises [T, S])",
-        supports=_SUPPORTS, quadratic_memory=True,
+        supports=_SUPPORTS, quadratic_memory=True, zero_empty_rows=False,
+        # XLA:CPU has no float16 dot with float32 accumulation (F16_F16_F32).
+        dtypes_on={"cpu": frozenset({"bfloat16", "float32", "float64"})},
     )
 )
 register(
     Implementation(
         "cudnn", functools.partial(run, implementation="cudnn"),
         "jax.nn.dot_product_attention with cuDNN's fused kernel (NVIDIA GPUs)",
-        supports=_SUPPORTS - {"value_head_dim"}, platforms=frozenset({"gpu"}),
+        supports=_SUPPORTS, platforms=frozenset({"gpu"}), zero_empty_rows=False,
         dtypes=frozenset({"float16", "bfloat16"}),
     )
 )
