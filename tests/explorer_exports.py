@@ -89,3 +89,37 @@ def large_export(path: Path, *, L=6, N=8, T=256, B=8) -> Path:
         path, layers=layers, kinds="self", query_tokens=tokens, meta={"task": "large"},
         compress=False,
     )  # fmt: skip
+
+
+def vit_export(path: Path) -> Path:
+    """A vision transformer: 16 x 16 RGB images cut into a 4 x 4 grid of 4 x 4 patches after
+    a class token, two self-attention layers of two heads, and a ground-truth box around a
+    bright square."""
+    rng = np.random.default_rng(3)
+    B, rows, cols, patch = 2, 4, 4, 4
+    T = 1 + rows * cols
+    pixels = rng.uniform(0.0, 0.3, size=(B, 16, 16, 3)).astype(np.float32)
+    pixels[0, 4:8, 8:12] = 1.0
+    pixels[1, 8:12, 0:8] = 1.0
+    box = np.array([[4, 8, 8, 12], [8, 0, 12, 8]], np.int32)
+    tokens = [["<cls>"] + [f"p{k}" for k in range(rows * cols)]] * B
+    layers = {f"encoder/layers/{i}/attention": softmax_weights(rng, B, 2, T, T) for i in range(2)}
+    return save_attention(
+        path, layers=layers, kinds="self", query_tokens=tokens, meta={"task": "vit"},
+        image={"pixels": pixels, "box": box, "grid": (rows, cols), "patch": (patch, patch),
+               "prefix": 1},
+    )  # fmt: skip
+
+
+def cnn_export(path: Path) -> Path:
+    """A CNN with CBAM: no attention layers, a 4 x 4 spatial map and 8 channel weights per
+    example over 12 x 12 grey images."""
+    rng = np.random.default_rng(4)
+    B = 2
+    pixels = rng.uniform(0.0, 1.0, size=(B, 12, 12)).astype(np.float32)
+    return save_attention(
+        path, layers={}, kinds={}, meta={"task": "cnn"},
+        image={"pixels": pixels, "box": np.array([[0, 0, 6, 6], [6, 6, 12, 12]], np.int32)},
+        spatial={"cbam/spatial": rng.uniform(size=(B, 4, 4)).astype(np.float32)},
+        channel={"cbam/channel": rng.uniform(size=(B, 8)).astype(np.float32)},
+    )  # fmt: skip

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from explorer_exports import classifier_export, seq2seq_export, softmax_weights
+from explorer_exports import (
+    classifier_export,
+    cnn_export,
+    seq2seq_export,
+    softmax_weights,
+    vit_export,
+)
 
 from flaxattn import analysis, viz
 from flaxattn.export import ExportFormatError, load_attention, save_attention
@@ -139,7 +145,7 @@ def test_layers_in_model_order_with_kinds_and_causal_flags(exports):
         ("decoder/layers/0/cross_attention", "cross", False),
     ]
     # The default layer is the last cross layer; head 0; the model view.
-    assert data["initial"] == {"view": "model", "example": 0, "layer": 3, "head": 0}
+    assert data["initial"] == {"view": "model", "example": 0, "layer": 3, "head": 0, "query": -1}
 
 
 def test_statistics_are_flaxattn_analysis_numbers(exports):
@@ -200,7 +206,7 @@ def test_page_is_self_contained(exports):
     for needle in ("fetch(", "XMLHttpRequest", "import(", "<link rel=\"stylesheet", "@import",
                    "WebSocket", "sendBeacon"):  # fmt: skip
         assert needle not in page, needle
-    assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"]  # a namespace
+    assert set(re.findall(r"https?://[^\s\"']+", page)) == {"http://www.w3.org/2000/svg"}  # SVG
     # Every script of the package is inlined.
     assert page.count("<script>") == 9
 
@@ -274,6 +280,38 @@ def test_notebook_object_and_save(exports, tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
     path = viz.save_explorer(exports["cls"], tmp_path / "w.html")
     assert page_data(path.read_text())["examples"] == 2
+
+
+def test_image_fields_are_embedded(tmp_path):
+    export = load_attention(vit_export(tmp_path / "vit.npz"))
+    data = page_data(viz.explorer_html(export, view="image"))
+    image = data["image"]
+    assert (image["shape"], image["grid"], image["patch"], image["prefix"]) == (
+        [16, 16, 3], [4, 4], [4, 4], 1)  # fmt: skip
+    assert image["box"] == [[4, 8, 8, 12], [8, 0, 12, 8]]
+    codes = decode_codes(image["pixels"], np.uint8, (2, 16, 16, 3))
+    pixels = image["pixelLo"] + codes * (image["pixelHi"] - image["pixelLo"]) / 255
+    assert np.abs(pixels - export.image.pixels).max() <= 1 / 510 + 1e-9
+    assert data["initial"]["view"] == "image"
+    assert data["initial"]["query"] == 0  # the class token
+    assert image["spatial"] == [] and image["channel"] == []
+
+
+def test_export_of_image_maps_only(tmp_path):
+    export = load_attention(cnn_export(tmp_path / "cnn.npz"))
+    data = page_data(viz.explorer_html(export))
+    assert data["layers"] == [] and data["rollouts"] == []
+    assert data["initial"]["view"] == "image"
+    image = data["image"]
+    assert image["shape"] == [12, 12, 1] and image["grid"] is None and image["prefix"] == 0
+    (sp,) = image["spatial"]
+    assert sp["path"] == "cbam/spatial" and sp["shape"] == [4, 4]
+    got = sp["lo"] + decode_codes(sp["codes"], np.uint16, (2, 4, 4)) * (sp["hi"] - sp["lo"]) / 65535
+    assert np.abs(got - export.spatial["cbam/spatial"]).max() <= sp["maxError"] + 1e-12
+    (ch,) = image["channel"]
+    np.testing.assert_allclose(ch["values"], export.channel["cbam/channel"], atol=1e-6)
+    with pytest.raises(ValueError, match="view 'matrix' needs attention layers"):
+        viz.explorer_html(export, view="matrix")
 
 
 # ----------------------------------------------------------------------------- the CLI

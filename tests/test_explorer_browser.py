@@ -8,6 +8,7 @@ running them (.ci/run installs the browser).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from explorer_exports import classifier_export, large_export, seq2seq_export
+from explorer_exports import (
+    classifier_export,
+    cnn_export,
+    large_export,
+    seq2seq_export,
+    vit_export,
+)
 
 from flaxattn import analysis, viz
 from flaxattn.export import load_attention
@@ -74,6 +81,8 @@ def pages(tmp_path_factory):
         ("s2s", seq2seq_export, {}),
         ("topk", lambda p: seq2seq_export(p, top_k=2), {}),
         ("cls", classifier_export, {"view": "text", "layer": "pool"}),
+        ("vit", vit_export, {"view": "image"}),
+        ("cnn", cnn_export, {}),
     ):
         export = make(d / f"{name}.npz")
         out[name] = (
@@ -459,3 +468,59 @@ def test_weights_decoded_in_the_page_equal_the_export(driver, pages):
             "    heads.push(rows); } out.push(heads); } return out;", layer_index))  # fmt: skip
         assert got.shape == export.layers[name].shape
         assert np.abs(got - export.layers[name]).max() <= 0.5 / 65535 + 1e-12
+
+
+def test_image_view_shows_attention_over_the_patches(driver, pages):
+    from selenium.webdriver import ActionChains
+
+    path, export = pages["vit"]
+    layer = "encoder/layers/1/attention"
+    open_page(driver, path)
+    assert state(driver)["view"] == "image" and state(driver)["query"] == 0
+    canvas = driver.find_element("css selector", "#view-image canvas[data-weights]")
+    bound = 0.5 / 65535 + 1e-9
+
+    def shown(query):
+        assert canvas.get_attribute("data-query") == str(query)
+        weights = np.array(json.loads(canvas.get_attribute("data-weights")))
+        expected = export.layers[layer][0, 0, query, 1:17]  # the 16 patch tokens
+        assert np.abs(weights - expected).max() <= bound
+
+    shown(0)  # the class token's row
+    # Hovering patch (2, 1) shows that patch's row; clicking keeps it.
+    scale = canvas.rect["width"] / 16
+    dx = (1 * 4 + 2) * scale - canvas.rect["width"] / 2
+    dy = (2 * 4 + 2) * scale - canvas.rect["height"] / 2
+    ActionChains(driver).move_to_element_with_offset(canvas, int(dx), int(dy)).perform()
+    shown(1 + 2 * 4 + 1)
+    assert "patch (2, 1) = token 10" in driver.find_element("id", "tooltip").text
+    ActionChains(driver).click().perform()
+    assert state(driver)["query"] == 10 and fragment(driver)["query"] == "10"
+    canvas = driver.find_element("css selector", "#view-image canvas[data-weights]")
+    shown(10)
+    # The ground-truth box is drawn in orange on the input: its left edge at pixel column 8.
+    plain = driver.find_element("css selector", "#view-image figure canvas")
+    rgb = driver.execute_script(
+        "const c = arguments[0];"
+        "const x = Math.round(arguments[1] * c.width), y = Math.round(arguments[2] * c.height);"
+        "return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data).slice(0, 3);",
+        plain, 8 / 16, 6 / 16)  # fmt: skip
+    assert max(abs(a - b) for a, b in zip(rgb, (0xE6, 0x9F, 0x00), strict=True)) < 40, rgb
+    assert errors(driver) == []
+
+
+def test_image_maps_only_export(driver, pages):
+    path, export = pages["cnn"]
+    open_page(driver, path)
+    tabs = driver.find_elements("css selector", ".tabs button")
+    visible = [t.get_attribute("data-view") for t in tabs if t.is_displayed()]
+    assert visible == ["image"]
+    spatial = driver.find_element("css selector", "#view-image canvas.spatial")
+    values = np.array(json.loads(spatial.get_attribute("data-values")))
+    assert (
+        np.abs(values - export.spatial["cbam/spatial"][0].reshape(-1)).max() <= 0.5 / 65535 + 1e-9
+    )
+    bars = driver.find_elements("css selector", "#view-image svg.channel rect")
+    got = [float(b.get_attribute("data-value")) for b in bars]
+    np.testing.assert_allclose(got, export.channel["cbam/channel"][0], atol=1e-6)
+    assert errors(driver) == []

@@ -163,6 +163,10 @@ def _rollouts(export, paths: list[str], entries: list[dict], bits: int) -> list[
 def _stats(export, paths: list[str]) -> dict[str, Any]:
     """Entropy (bits), mean distance and sink mass: over all examples ``[L, N]`` and per
     example ``[B, L, N]`` (None where a layer has fewer heads or no valid row)."""
+    if not paths:
+        empty = {k: [] for k in ("entropy", "distance", "sink")}
+        return {"unit": "bits", "all": empty,
+                "perExample": {k: [[]] * export.num_examples for k in empty}}  # fmt: skip
     layers = {p: export.layers[p] for p in paths}
     lengths = {p: export.lengths(p) for p in paths}
     overall = analysis.layer_head_stats(layers, lengths, unit="bits")
@@ -196,6 +200,40 @@ def _extras(export) -> dict[str, Any]:
     return {"scalars": scalars, "marks": marks}
 
 
+def _image(export) -> dict[str, Any] | None:
+    """The version-2 image entries: 8-bit pixels (error at most 1/510), the box and patch
+    geometry, spatial maps (quantised like weights) and channel weights (as numbers)."""
+    image = getattr(export, "image", None)
+    spatial = getattr(export, "spatial", None) or {}
+    channel = getattr(export, "channel", None) or {}
+    if image is None and not spatial and not channel:
+        return None
+    out: dict[str, Any] = {"pixels": None, "spatial": [], "channel": []}
+    if image is not None:
+        pixels = np.asarray(image.pixels, dtype=np.float32)
+        if pixels.ndim == 3:
+            pixels = pixels[..., None]  # [B, Hi, Wi, 1]
+        q = quantise(pixels, 8, name="image pixels")
+        out.update(
+            pixels=encode_codes(q.codes),
+            shape=[int(x) for x in pixels.shape[1:]],  # Hi, Wi, C
+            pixelLo=q.lo, pixelHi=q.hi,
+            box=None if image.box is None else np.asarray(image.box).astype(int).tolist(),
+            grid=None if image.grid is None else [int(x) for x in image.grid],
+            patch=None if image.patch is None else [int(x) for x in image.patch],
+            prefix=int(image.prefix),
+        )  # fmt: skip
+    for path, maps in spatial.items():
+        q = quantise(maps, 16, name=f"spatial map {path!r}")
+        out["spatial"].append({
+            "path": path, "shape": [int(x) for x in maps.shape[1:]], "lo": q.lo, "hi": q.hi,
+            "bits": 16, "maxError": q.max_error, "codes": encode_codes(q.codes),
+        })  # fmt: skip
+    for path, values in channel.items():
+        out["channel"].append({"path": path, "values": _finite(values)})
+    return out
+
+
 def _head_position(entry: dict, head: int | str, what: str = "head") -> int:
     if head == "mean":
         return -1
@@ -209,10 +247,15 @@ def _head_position(entry: dict, head: int | str, what: str = "head") -> int:
 
 
 def _payload(export, *, view, example, layer, head, layers, bits, cmap, text_cmap, title):
+    image = _image(export)
+    if view is None:
+        view = "model" if export.paths else "image"
     if view not in EXPLORER_VIEWS:
         raise ValueError(f"view must be one of {EXPLORER_VIEWS}, got {view!r}")
-    if view == "image":
+    if view == "image" and image is None:
         raise ValueError("view 'image' needs an export with image fields; this one has none")
+    if view != "image" and not export.paths:
+        raise ValueError(f"view {view!r} needs attention layers; this export has only image maps")
     B = export.num_examples
     if isinstance(example, bool) or not isinstance(example, (int, np.integer)):
         raise TypeError(f"example must be an integer, got {example!r}")
@@ -235,7 +278,7 @@ def _payload(export, *, view, example, layer, head, layers, bits, cmap, text_cma
         entries.append(_layer_entry(export, p, bits, causal))
     cross = [i for i, p in enumerate(paths) if export.kinds[p] == "cross"]
     layer_index = paths.index(layer) if layer is not None else (cross or [len(paths) - 1])[-1]
-    head_pos = _head_position(entries[layer_index], head)
+    head_pos = _head_position(entries[layer_index], head) if entries else 0
     meta = export.meta
     task = meta.get("task") or "attention"
     return {
@@ -255,7 +298,7 @@ def _payload(export, *, view, example, layer, head, layers, bits, cmap, text_cma
         "rollouts": _rollouts(export, paths, entries, bits),
         "stats": _stats(export, paths),
         "extras": _extras(export),
-        "image": None,
+        "image": image,
         "colormap": _lut(cmap),
         "textColormap": _lut(text_cmap),
         "headColors": list(HEAD_COLORS),
@@ -265,7 +308,9 @@ def _payload(export, *, view, example, layer, head, layers, bits, cmap, text_cma
             "example": int(example) % B,
             "layer": layer_index,
             "head": head_pos,
-        },  # fmt: skip
+            # A ViT's class token (prefix >= 1) is the query the image view starts with.
+            "query": 0 if image and image.get("grid") and image["prefix"] else -1,
+        },
     }
 
 
@@ -282,7 +327,7 @@ def _as_export(export):
 def explorer_html(
     export,
     *,
-    view: str = "model",
+    view: str | None = None,
     example: int = 0,
     layer: str | None = None,
     head: int | str = 0,
@@ -297,7 +342,7 @@ def explorer_html(
     Args:
       export: an :class:`flaxattn.export.AttentionExport` or the path of an ``.npz`` export.
       view: the view the page opens with, one of ``EXPLORER_VIEWS`` (the URL fragment can
-        choose another).
+        choose another); default: ``"model"``, or ``"image"`` for an export of image maps only.
       example: the example shown first, in ``[0, B)``.
       layer: the layer path shown first (default: the last cross-attention layer, else the
         last layer).

@@ -27,8 +27,9 @@
   function clampState(s) {
     const m = app.model;
     if (!VIEWS.includes(s.view) || (s.view === "image" && !FA.views.image.available(app))) {
-      s.view = "model";
+      s.view = m.layers.length ? "model" : "image";
     }
+    if (!m.layers.length) s.view = "image"; // an export of image maps only
     const wrap = (x, n) => ((x % n) + n) % n;
     s.example = wrap(s.example | 0, m.B);
     s.layer = Math.max(0, Math.min(m.layers.length - 1, s.layer | 0));
@@ -187,7 +188,7 @@
     let text = shown.join(joiner);
     if (text.length > 36) text = text.slice(0, 35) + "…";
     const extras = Object.entries(m.data.extras.scalars).map(([k, v]) => `${k} ${v[b]}`);
-    return `${b}: ${text}` + (extras.length ? ` (${extras.join(", ")})` : "");
+    return (text ? `${b}: ${text}` : `example ${b}`) + (extras.length ? ` (${extras.join(", ")})` : "");
   }
 
   function fillSelect(select, options, value) {
@@ -255,7 +256,7 @@
       default:
         if (/^[1-6]$/.test(event.key)) {
           const view = VIEWS[parseInt(event.key, 10) - 1];
-          if (view !== "image" || FA.views.image.available(app)) patch = { view };
+          if (!$(`tab-${view}`).hidden) patch = { view };
         }
     }
     if (patch === null) return;
@@ -315,9 +316,19 @@
       };
       $("subtitle").textContent = subtitle();
       $("tab-image").hidden = !FA.views.image.available(app);
+      if (!app.model.layers.length) { // image maps only: no layer, head or rollout to choose
+        for (const view of VIEWS.slice(0, 5)) $(`tab-${view}`).hidden = true;
+        for (const id of ["sel-layer", "sel-head", "chk-rollout", "keys-help"]) {
+          const control = $(id);
+          control.hidden = true;
+          if (control.labels) for (const label of control.labels) label.hidden = true;
+        }
+        const rollout = $("chk-rollout").parentElement;
+        rollout.hidden = true;
+      }
       const init = app.data.initial;
       const base = { view: init.view, example: init.example, layer: init.layer, head: init.head,
-                     heads: null, rollout: false, query: -1, scope: "all", padding: false };
+                     heads: null, rollout: false, query: init.query, scope: "all", padding: false };
       app.state = clampState(stateFromFragment(location.hash, base));
       bindControls();
       status.hidden = true;

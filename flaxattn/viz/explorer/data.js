@@ -201,10 +201,18 @@
     };
     model.layers = data.layers.map((spec, i) => new Layer(spec, i, model));
     model.rollouts = data.rollouts.map((spec) => new Rollout(spec, model));
+    model.image = data.image ? Object.assign({}, data.image) : null;
+    const image = model.image;
     await Promise.all([
       ...model.layers.map((layer, i) => layer.decode(data.layers[i])),
       ...model.rollouts.map((r, i) => r.decode(data.rollouts[i])),
+      // Image pixels as 8-bit codes [B, Hi, Wi, C]; spatial maps as 16-bit codes [B, h, w].
+      image && image.pixels ? decodeCodes(image.pixels, 8).then((c) => { image.pixelCodes = c; }) : null,
+      ...(image ? image.spatial.map(async (sp, i) => {
+        image.spatial[i] = Object.assign({}, sp, { codes: await decodeCodes(sp.codes, sp.bits) });
+      }) : []),
     ]);
+    if (image) delete image.pixels;
     // The page text keeps only what is needed to render; the base64 strings can go.
     data.layers.forEach((spec) => { delete spec.codes; delete spec.indices; });
     data.rollouts.forEach((spec) => { delete spec.codes; });
