@@ -144,6 +144,8 @@ def test_opens_offline_without_errors_or_requests(driver, pages):
     assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
     assert driver.get_network_conditions()["offline"] is True
     assert driver.title == "reverse: attention explorer"
+    subtitle = driver.find_element("id", "subtitle").text
+    assert "16-bit codes, each within 7.6e-6 of the exported value" in subtitle
     # The page's Content-Security-Policy refuses any request its scripts might try.
     outcome = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
@@ -391,6 +393,31 @@ def test_topk_export_is_shown_as_such(driver, pages):
     tip = hover_cell(driver, 1, stored)
     r = list(indices[1]).index(stored)
     assert float(tip.get_attribute("data-value")) == pytest.approx(values[1, r], abs=1e-4)
+
+
+def test_notebook_frame_runs_the_page(driver, pages, tmp_path):
+    """explore(...)._repr_html_() (an iframe with the page as srcdoc) works as a notebook
+    output: the page starts inside the frame even though it cannot rewrite its URL there."""
+    path, export = pages["cls"]
+    host = tmp_path / "notebook.html"
+    host.write_text(
+        "<!doctype html><title>nb</title>" + viz.explore(export, layer="pool")._repr_html_()
+    )
+    driver.get("about:blank")
+    driver.get(host.resolve().as_uri())
+    driver.switch_to.frame(driver.find_element("tag name", "iframe"))
+    try:
+        for _ in range(200):
+            if driver.execute_script("return document.body && document.body.dataset.ready"):
+                break
+            time.sleep(0.02)
+        assert driver.execute_script("return document.body.dataset.ready") == "true"
+        assert len(driver.find_elements("css selector", "#view-model button.thumb")) == 3
+        driver.find_element("css selector", "#view-model button.thumb").click()
+        assert state(driver)["view"] == "matrix"
+    finally:
+        driver.switch_to.default_content()
+    assert errors(driver) == []
 
 
 def test_screenshots_of_every_view(driver, pages, tmp_path):

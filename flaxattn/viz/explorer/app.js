@@ -142,11 +142,6 @@
     };
   };
 
-  app.quantNote = function (bits, maxError) {
-    return `weights stored as ${bits}-bit codes, each within ${maxError.toPrecision(2)} ` +
-      "of the exported value";
-  };
-
   app.legend = (opts) => FA.colors.renderLegend($("legend"), opts);
 
   // ---------------------------------------------------------------- tooltip
@@ -205,7 +200,6 @@
     for (const button of document.querySelectorAll(".tabs button")) {
       const selected = button.dataset.view === s.view;
       button.setAttribute("aria-selected", String(selected));
-      button.tabIndex = selected ? 0 : -1;
     }
     fillSelect($("sel-example"), Array.from({ length: m.B }, (_, b) => [b, exampleLabel(b)]), s.example);
     fillSelect($("sel-layer"), m.layers.map((l, i) => [i, l.label() + (l.topk ? ` top-${l.topk}` : "")]), s.layer);
@@ -301,6 +295,10 @@
         `the top ${topk[0].topk} weights per row`);
     }
     if (meta.created) parts.push(`exported ${meta.created.slice(0, 19).replace("T", " ")}`);
+    if (m.layers.length) {
+      const bound = m.maxError < 1e-3 ? m.maxError.toExponential(1) : m.maxError.toPrecision(2);
+      parts.push(`weights stored as ${m.bits}-bit codes, each within ${bound} of the exported value`);
+    }
     return parts.join(" · ");
   }
 

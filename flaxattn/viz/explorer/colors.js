@@ -95,6 +95,7 @@
    */
   function renderLegend(root, opts) {
     root.replaceChildren();
+    root.hidden = !(opts.scale || opts.masked || opts.notStored || (opts.notes || []).length);
     if (opts.scale) {
       const min = opts.min || 0;
       const bar = el("span", { class: "bar", role: "img",

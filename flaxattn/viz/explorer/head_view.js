@@ -76,7 +76,10 @@
     const rows = Math.max(qTokens.length, kTokens.length);
     const rowHeight = rows > 300 ? 14 : rows > 40 ? 20 : 26;
     const height = rows * rowHeight;
-    const y = (i) => i * rowHeight + rowHeight / 2;
+    // Each head's lines end a little above or below the token's centre, so heads that agree
+    // show as parallel lines rather than one blended line.
+    const spread = Math.min(3, (rowHeight - 8) / Math.max(1, series.length - 1));
+    const y = (i, k) => i * rowHeight + rowHeight / 2 + (k - (series.length - 1) / 2) * spread;
 
     const column = (tokens, side) => {
       const col = el("div", { class: `tokcol ${side}` });
@@ -147,8 +150,8 @@
         ctx.globalAlpha = level / LEVELS;
         ctx.beginPath();
         for (let p = 0; p < pairs.length; p += 2) {
-          ctx.moveTo(0, y(pairs[p]));
-          ctx.lineTo(WIDTH, y(pairs[p + 1]));
+          ctx.moveTo(0, y(pairs[p], k));
+          ctx.lineTo(WIDTH, y(pairs[p + 1], k));
         }
         ctx.stroke();
       }
@@ -158,20 +161,20 @@
     function focus(side, index) {
       svg.replaceChildren();
       lines.classList.add("focus");
-      for (const line of series) {
+      series.forEach((line, k) => {
         const m = line.matrix;
         const count = side === "query" ? kTokens.length : qTokens.length;
-        for (let k = 0; k < count; k++) {
-          const i = side === "query" ? index : k;
-          const j = side === "query" ? k : index;
+        for (let t = 0; t < count; t++) {
+          const i = side === "query" ? index : t;
+          const j = side === "query" ? t : index;
           if (m.cell(i, j) !== CELL.VALUE) continue;
           const w = m.value(i, j);
           const ln = document.createElementNS(SVG, "line");
           ln.setAttribute("class", "attn-line");
           ln.setAttribute("x1", 0);
-          ln.setAttribute("y1", y(i));
+          ln.setAttribute("y1", y(i, k));
           ln.setAttribute("x2", WIDTH);
-          ln.setAttribute("y2", y(j));
+          ln.setAttribute("y2", y(j, k));
           ln.setAttribute("stroke", line.color);
           ln.setAttribute("stroke-width", "2");
           ln.setAttribute("stroke-opacity", String(Math.min(1, Math.max(0, w))));
@@ -181,7 +184,7 @@
           ln.dataset.weight = String(w);
           svg.append(ln);
         }
-      }
+      });
       for (const tok of root.querySelectorAll(".tok")) {
         tok.classList.toggle("hover", tok.dataset.side === side && +tok.dataset.index === index);
       }
@@ -202,8 +205,8 @@
     const head = (text) => el("div", { class: "colhead", text });
     const leftWrap = el("div", {}, head(layer.kind === "cross" ? "queries" : "queries (attending)"), left);
     const rightWrap = el("div", {}, head("keys (attended to)"), right);
-    root.append(el("p", { class: "note", text: "Line opacity is the attention weight (1 = opaque). " +
-      "Hover or focus (Tab) a token to see only its lines: a query's row, or a key's column." +
+    root.append(el("p", { class: "note", text: "Line opacity = attention weight. Hover or focus " +
+      "(Tab) a token to see only its lines: a query's row, or a key's column." +
       (app.data.headColors.length < layer.N ? " Colours repeat after " +
         `${app.data.headColors.length} heads.` : "") }));
     if (drawn < total) {
@@ -212,8 +215,7 @@
         "token to see every line of its row or column." }));
     }
     root.append(el("div", { class: "headview" }, leftWrap, el("div", {}, head(""), lines), rightWrap));
-    app.legend({ notes: [app.quantNote(rollout ? rollout.bits : layer.bits,
-                                       rollout ? rollout.maxError : layer.maxError)] });
+    app.legend({});
   }
 
   FA.views = FA.views || {};

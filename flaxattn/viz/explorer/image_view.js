@@ -205,7 +205,6 @@
       legend.scale = app.scales.heat;
       legend.max = shown.max;
       legend.label = cur.rollout ? "rolled-out attention" : "attention weight";
-      legend.notes.push(app.quantNote(cur.bits, cur.maxError));
     }
 
     // Spatial maps (CBAM) over the image.

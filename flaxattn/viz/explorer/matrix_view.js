@@ -145,7 +145,7 @@
     app.legend({
       scale: app.scales.heat, max, label: cur.rollout ? "rolled-out attention" : "attention weight",
       masked, notStored,
-      notes: [`colours run from 0 to this matrix's largest value`, app.quantNote(cur.bits, cur.maxError)],
+      notes: ["colours run from 0 to this matrix's largest value"],
     });
   }
 

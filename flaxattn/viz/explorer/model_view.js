@@ -50,7 +50,7 @@
     }
     const labelWidth = 190, gap = 6, border = 4; // as in .model-grid and .thumb
     const avail = root.clientWidth - labelWidth - nMax * (gap + border) - 2;
-    const size = Math.max(44, Math.min(128, Math.floor(avail / nMax)));
+    const size = Math.max(44, Math.min(150, Math.floor(avail / nMax)));
     const grid = el("div", { class: "model-grid", role: "grid",
                              "aria-label": "thumbnails of every layer and head" });
     grid.style.gridTemplateColumns = `${labelWidth}px repeat(${nMax}, ${size + 4}px)`;
@@ -91,8 +91,7 @@
       "press Enter) to open that head in the matrix view." }));
     const topk = m.layers.some((l) => l.topk !== null);
     app.legend({ scale: app.scales.heat, max: 1, label: "weight / largest weight of the head",
-                 masked: any, maskedText: "masked (causal)", notStored: topk,
-                 notes: [app.quantNote(m.bits, m.maxError)] });
+                 masked: any, maskedText: "masked (causal)", notStored: topk });
   }
 
   FA.views = FA.views || {};

@@ -67,8 +67,7 @@
     if (marks) noteParts.push("Framed, bold tokens are marked in the export (extra/marked).");
     if (layer.topk !== null && !cur.rollout) noteParts.push("Top-k export: weights not stored count as 0.");
     root.append(el("p", { class: "note", text: noteParts.join(" ") }));
-    app.legend({ scale: app.scales.text, max, label: "attention received",
-                 notes: [app.quantNote(cur.bits, cur.maxError)] });
+    app.legend({ scale: app.scales.text, max, label: "attention received" });
   }
 
   FA.views = FA.views || {};
