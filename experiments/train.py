@@ -13,6 +13,7 @@ model=transformer); sentiment (model=rnn: attention RNN, model=transformer); cha
 nadaraya_watson (attention pooling, learn_bandwidth=true|false).
 
 Everything goes under --workdir: metrics.jsonl, checkpoints/, attention.npz, figures/*.png,
+figures/view.html (the interactive explorer of attention.npz: open it in a browser),
 results.json (and samples.txt for charlm). --set key=value changes any field of the task's
 config (see --show-config). The same command runs on CPU, GPU or TPU; with several local
 devices the batch is split over a 'data' mesh axis, and --mesh data=D,seq=S also splits the
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{config.task}: step {results['step']}, {results['wall_seconds']:.0f} s, "
           + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))  # fmt: skip
     print(f"wrote {workdir}/metrics.jsonl, checkpoints/, attention.npz, figures/")
+    if (workdir / "figures" / "view.html").is_file():
+        print(f"explore the attention: open file://{(workdir / 'figures' / 'view.html').resolve()}")
     return 0
 
 

@@ -8,7 +8,7 @@ examples, with the token strings and valid lengths needed to read them. It is a 
 entry                     shape / dtype  meaning
 ========================  =============  =====================================================
 ``format``                str            ``"flaxattn.attention"``, marks a flaxattn export
-``format_version``        int            ``1``
+``format_version``        int            ``2`` (files of version ``1`` are read too)
 ``layer_paths``           [L] str        layer names (module paths), in model order
 ``kind/<path>``           str            ``"self"``, ``"cross"`` or ``"encoder"`` (see below)
 ``layer/<path>``          [B,N,T,S] f32  weights; ``float16`` if saved with ``dtype=float16``
@@ -24,7 +24,27 @@ entry                     shape / dtype  meaning
                                          sentiment words), ``extra/label``, ``extra/prediction``
 ``meta``                  str (JSON)     ``task``, ``config`` (dict), ``step`` (checkpoint step),
                                          ``flaxattn_version``, ``created`` (UTC, ISO 8601), ...
+``image/pixels``          [B,Hi,Wi] or   the input image of each example, float32 in [0, 1]
+                          [B,Hi,Wi,C]    (version 2; every ``image/*`` entry is optional)
+``image/box``             [B,4] i32      ground-truth box (top, left, bottom, right) in pixels,
+                                         bottom and right exclusive
+``image/grid``            [2] i32        patch grid (rows, cols) of the transformer's token axis
+``image/patch``           [2] i32        patch size in pixels (rows, cols); grid * patch covers
+                                         the image
+``image/prefix``          [] i32         non-patch tokens before the patches on the token axis
+                                         (1 for a class token)
+``spatial/<path>``        [B,h,w] f32    a spatial attention map of module ``<path>`` (CBAM),
+                                         over the whole image (``h x w`` cells)
+``channel/<path>``        [B,C] f32      channel attention weights of module ``<path>`` (SE,
+                                         CBAM's channel attention)
 ========================  =============  =====================================================
+
+Images (version 2). Axis letters: ``Hi, Wi`` image height and width in pixels, ``C``
+channels, ``h, w`` the cells of a spatial map. A patch token ``prefix + r * cols + c`` covers
+pixels ``[r*pr, (r+1)*pr) x [c*pc, (c+1)*pc)`` where ``(pr, pc)`` is ``image/patch``. An export
+may hold only ``spatial/``/``channel/`` maps and no layers (a CNN with SE or CBAM blocks);
+its ``query_tokens`` are then ``[B, 0]``. ``image/grid`` and ``image/patch`` come together or
+not at all (a CNN has no token axis).
 
 A layer is stored either dense (``layer/<path>``) or, in bounded mode, top-k
 (``topk_values/<path>`` + ``topk_indices/<path>``); the key axis length ``S`` of a top-k layer
@@ -39,7 +59,8 @@ follows from its kind. The kind says which tokens the two axes of a layer refer 
   passed unchanged.
 
 Use :func:`save_attention` to write (atomically: a temporary file in the same directory, then
-``os.replace``) and :func:`load_attention` to read back an :class:`AttentionExport`.
+``os.replace``) and :func:`load_attention` to read back an :class:`AttentionExport`. Version-1
+files load unchanged, with ``image=None`` and no spatial or channel maps.
 """
 
 from __future__ import annotations
@@ -60,15 +81,129 @@ import numpy as np
 
 from flaxattn.analysis import topk_compress, topk_decompress
 
-__all__ = ["AttentionExport", "ExportFormatError", "KINDS", "load_attention", "save_attention"]
+__all__ = [
+    "AttentionExport",
+    "ExportFormatError",
+    "ExportImage",
+    "KINDS",
+    "load_attention",
+    "save_attention",
+]
 
 FORMAT = "flaxattn.attention"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KINDS = ("self", "cross", "encoder")
 
 
 class ExportFormatError(ValueError):
     """The file is not a (valid) flaxattn attention export."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportImage:
+    """The images of an export and where the token axis sits on them (format version 2).
+
+    Attributes:
+      pixels: ``[B, Hi, Wi]`` or ``[B, Hi, Wi, C]`` float32 in [0, 1].
+      box: ``[B, 4]`` int32 ground-truth boxes ``(top, left, bottom, right)``, bottom and
+        right exclusive, or None.
+      grid: ``(rows, cols)`` of the patch tokens, or None when no layer has a patch axis.
+      patch: ``(pr, pc)`` pixels per patch, or None (with ``grid``).
+      prefix: tokens before the patches on the token axis (1 for a class token).
+    """
+
+    pixels: np.ndarray
+    box: np.ndarray | None = None
+    grid: tuple[int, int] | None = None
+    patch: tuple[int, int] | None = None
+    prefix: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(Hi, Wi)``: image height and width in pixels."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
+
+    @property
+    def num_patches(self) -> int:
+        """``rows * cols`` (0 without a grid)."""
+        return 0 if self.grid is None else self.grid[0] * self.grid[1]
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    arr = np.asarray(value)
+    if arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 1:
+        raise ValueError(f"{name} must be 2 positive integers (rows, cols), got {value!r}")
+    return int(arr[0]), int(arr[1])
+
+
+def _check_image(image: ExportImage | Mapping[str, Any], B: int | None) -> ExportImage:
+    """Validate and normalise the image entries (dtypes, ranges, geometry); B may be None."""
+    if isinstance(image, Mapping):
+        unknown = set(image) - {"pixels", "box", "grid", "patch", "prefix"}
+        if unknown:
+            raise ValueError(f"image has unknown keys {sorted(unknown)}")
+        if "pixels" not in image:
+            raise ValueError("image needs 'pixels' ([B, Hi, Wi] or [B, Hi, Wi, C] in [0, 1])")
+        image = ExportImage(**image)
+    elif not isinstance(image, ExportImage):
+        raise TypeError(f"image must be an ExportImage or a mapping, got {type(image).__name__}")
+    pixels = np.asarray(image.pixels)
+    if pixels.ndim not in (3, 4) or not np.issubdtype(pixels.dtype, np.floating):
+        raise ValueError(
+            f"image pixels must be float [B, Hi, Wi] or [B, Hi, Wi, C], got {pixels.shape} "
+            f"{pixels.dtype}"
+        )
+    if B is not None and pixels.shape[0] != B:
+        raise ValueError(f"image pixels have {pixels.shape[0]} examples, expected {B}")
+    if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+        raise ValueError(f"image pixels must lie in [0, 1], got [{pixels.min()}, {pixels.max()}]")
+    Bp, Hi, Wi = pixels.shape[:3]
+    box = None
+    if image.box is not None:
+        box = np.asarray(image.box)
+        if box.shape != (Bp, 4) or not np.issubdtype(box.dtype, np.integer):
+            raise ValueError(f"image box must be [B={Bp}, 4] integers, got {box.shape} {box.dtype}")
+        top, left, bottom, right = box.T
+        if not ((top >= 0) & (top < bottom) & (bottom <= Hi)
+                & (left >= 0) & (left < right) & (right <= Wi)).all():  # fmt: skip
+            raise ValueError(
+                f"image box rows must be (top, left, bottom, right) with 0 <= top < bottom <= "
+                f"{Hi} and 0 <= left < right <= {Wi}, got {box.tolist()}"
+            )
+        box = box.astype(np.int32)
+    if (image.grid is None) != (image.patch is None):
+        raise ValueError("image grid and patch come together (or neither)")
+    grid = patch = None
+    if image.grid is not None:
+        grid, patch = _pair(image.grid, "image grid"), _pair(image.patch, "image patch")
+        for axis, n, p, size in (("rows", grid[0], patch[0], Hi), ("cols", grid[1], patch[1], Wi)):
+            # Patches cover the image, and each one starts inside it.
+            if not n * p >= size > (n - 1) * p:
+                raise ValueError(
+                    f"image grid x patch must cover the image: {axis} {n} x {p} pixels for an "
+                    f"image of {size}"
+                )
+    prefix = image.prefix
+    if isinstance(prefix, np.ndarray) and prefix.ndim == 0:
+        prefix = prefix.item()
+    if isinstance(prefix, bool) or not isinstance(prefix, (int, np.integer)) or prefix < 0:
+        raise ValueError(f"image prefix must be a non-negative int, got {image.prefix!r}")
+    return ExportImage(pixels.astype(np.float32), box, grid, patch, int(prefix))
+
+
+def _maps(maps: Mapping[str, Any] | None, name: str, ndim: int) -> dict[str, np.ndarray]:
+    """``{path: float32 array}`` of rank ``ndim``, for the spatial / channel maps."""
+    out = {}
+    for path, value in (maps or {}).items():
+        arr = np.asarray(value)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{name} paths must be non-empty strings, got {path!r}")
+        if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.floating):
+            shape = "[B, h, w]" if ndim == 3 else "[B, C]"
+            raise ValueError(f"{name}[{path!r}] must be float {shape}, got {arr.shape} {arr.dtype}")
+        out[path] = arr.astype(np.float32)
+    return out
 
 
 def _version() -> str:
@@ -159,7 +294,7 @@ def save_attention(
     *,
     layers: Mapping[str, Any],
     kinds: Mapping[str, str] | str,
-    query_tokens,
+    query_tokens=None,
     key_tokens=None,
     query_lengths=None,
     key_lengths=None,
@@ -170,6 +305,9 @@ def save_attention(
     dtype: Any = np.float32,
     stored_heads: Sequence[int] | None = None,
     extras: Mapping[str, Any] | None = None,
+    image: ExportImage | Mapping[str, Any] | None = None,
+    spatial: Mapping[str, Any] | None = None,
+    channel: Mapping[str, Any] | None = None,
     compress: bool = True,
 ) -> Path:
     """Write an attention export (schema in the module docstring) atomically; return its path.
@@ -186,10 +324,26 @@ def save_attention(
     weights per row (dense layers with ``S <= top_k`` stay dense). ``stored_heads`` names the
     original heads when the arrays hold a subset already. ``meta`` is JSON-encoded; ``task``,
     ``config`` and ``step`` belong in it, ``flaxattn_version`` and ``created`` are added.
+
+    Images (format version 2): ``image`` is an :class:`ExportImage` or a mapping with its
+    fields (``pixels [B, Hi, Wi(, C)]`` in [0, 1], optional ``box [B, 4]``, ``grid`` and
+    ``patch`` (rows, cols) and ``prefix``); ``spatial`` is ``{module path: [B, h, w]}`` and
+    ``channel`` ``{module path: [B, C]}``. With spatial or channel maps, ``layers`` may be
+    empty and ``query_tokens`` omitted (a CNN has no tokens).
     """
     path = Path(path)
+    layers = dict(layers or {})
+    spatial_maps = _maps(spatial, "spatial", 3)
+    channel_maps = _maps(channel, "channel", 2)
+    if not layers and not spatial_maps and not channel_maps:
+        raise ValueError("layers is empty (and no spatial or channel maps): nothing to export")
     if not layers:
-        raise ValueError("layers is empty: nothing to export")
+        if query_tokens is not None or key_tokens is not None:
+            raise ValueError("query_tokens / key_tokens given without attention layers")
+        B = next(iter({**spatial_maps, **channel_maps}.values())).shape[0]
+        return _save_maps_only(path, B, image, spatial_maps, channel_maps, extras, meta, compress)
+    if query_tokens is None:
+        raise ValueError("query_tokens is required with attention layers")
     paths = _select_layers(list(layers), layer_filter)
     kind_of = {p: kinds for p in paths} if isinstance(kinds, str) else dict(kinds)
     dtype = np.dtype(dtype)
@@ -273,24 +427,80 @@ def save_attention(
         else:
             arrays[f"layer/{p}"] = parts[0].astype(dtype)
 
+    token_axes = []  # (path, tokens on the key axis) of the layers over the image's patches
+    for p in paths:
+        kind = str(arrays[f"kind/{p}"])
+        if kind != "cross":
+            token_axes.append((p, (q_tok if kind == "self" else k_tok).shape[1]))
+    _add_images(arrays, B, image, spatial_maps, channel_maps, token_axes)
+    _add_extras(arrays, extras)
+    bounded = {
+        "top_k": None if top_k is None else int(top_k),
+        "layer_filter": layer_filter if isinstance(layer_filter, (str, type(None))) else paths,
+        "heads": None if heads is None else np.atleast_1d(heads).tolist(),
+    }
+    arrays["meta"] = _meta(meta, bounded)
+    _atomic_savez(path, arrays, compress)
+    return path
+
+
+def _save_maps_only(path, B, image, spatial_maps, channel_maps, extras, meta, compress) -> Path:
+    """An export of spatial / channel maps without attention layers (a CNN)."""
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(FORMAT),
+        "format_version": np.array(FORMAT_VERSION),
+        "layer_paths": np.array([], dtype=str),
+        "query_tokens": np.zeros((B, 0), dtype=str),
+        "query_lengths": np.zeros((B,), dtype=np.int32),
+    }
+    _add_images(arrays, B, image, spatial_maps, channel_maps, [])
+    _add_extras(arrays, extras)
+    arrays["meta"] = _meta(meta, {"top_k": None, "layer_filter": None, "heads": None})
+    _atomic_savez(path, arrays, compress)
+    return path
+
+
+def _add_images(arrays, B, image, spatial_maps, channel_maps, token_axes) -> None:
+    """Validate the version-2 entries against the batch and the token axes, and add them."""
+    for name, maps in (("spatial", spatial_maps), ("channel", channel_maps)):
+        for p, arr in maps.items():
+            if arr.shape[0] != B:
+                raise ValueError(f"{name}[{p!r}] has {arr.shape[0]} examples, expected {B}")
+            arrays[f"{name}/{p}"] = arr
+    if image is None:
+        return
+    image = _check_image(image, B)
+    arrays["image/pixels"] = image.pixels
+    if image.box is not None:
+        arrays["image/box"] = image.box
+    if image.grid is not None:
+        arrays["image/grid"] = np.array(image.grid, np.int32)
+        arrays["image/patch"] = np.array(image.patch, np.int32)
+        for p, length in token_axes:
+            if image.prefix + image.num_patches > length:
+                raise ValueError(
+                    f"layer {p!r} has {length} tokens, fewer than image prefix "
+                    f"{image.prefix} + grid {image.grid[0]} x {image.grid[1]} patches"
+                )
+    arrays["image/prefix"] = np.array(image.prefix, np.int32)
+
+
+def _add_extras(arrays, extras) -> None:
     for name, value in (extras or {}).items():
         v = np.asarray(value)
         if v.dtype == object:
             raise ValueError(f"extras[{name!r}] must be a numeric, bool or str array")
         arrays[f"extra/{name}"] = v
+
+
+def _meta(meta, bounded) -> np.ndarray:
     info = dict(meta or {})
     for key in ("task", "config", "step"):
         info.setdefault(key, None)
     info.setdefault("flaxattn_version", _version())
     info.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
-    info["bounded"] = {
-        "top_k": None if top_k is None else int(top_k),
-        "layer_filter": layer_filter if isinstance(layer_filter, (str, type(None))) else paths,
-        "heads": None if heads is None else np.atleast_1d(heads).tolist(),
-    }
-    arrays["meta"] = np.array(json.dumps(info, default=_json_default, sort_keys=True))
-    _atomic_savez(path, arrays, compress)
-    return path
+    info["bounded"] = bounded
+    return np.array(json.dumps(info, default=_json_default, sort_keys=True))
 
 
 class _Layers(Mapping):
@@ -319,7 +529,9 @@ class _Layers(Mapping):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionExport:
-    """A loaded export. ``layers[path]`` gives dense ``[B, N, T, S]`` float32 weights."""
+    """A loaded export. ``layers[path]`` gives dense ``[B, N, T, S]`` float32 weights;
+    ``image``, ``spatial`` and ``channel`` hold the version-2 entries (None / empty in a
+    version-1 file)."""
 
     paths: tuple[str, ...]
     kinds: dict[str, str]
@@ -333,6 +545,10 @@ class AttentionExport:
     key_lengths: np.ndarray | None
     extras: dict[str, np.ndarray]
     meta: dict[str, Any]
+    image: ExportImage | None = None  # version 2: pixels, boxes and the patch geometry
+    spatial: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # path: [B, h, w]
+    channel: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # path: [B, C]
+    format_version: int = FORMAT_VERSION  # the file's version (1 or 2)
 
     @property
     def layers(self) -> Mapping[str, np.ndarray]:
@@ -390,8 +606,8 @@ def load_attention(path: str | os.PathLike) -> AttentionExport:
             f"{FORMAT!r}; entries: {sorted(data)[:8]})"
         )
     version = int(data.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise _bad(path, f"format_version {version}, this flaxattn reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise _bad(path, f"format_version {version}, this flaxattn reads {READABLE_VERSIONS}")
     for key in ("layer_paths", "query_tokens", "query_lengths", "meta"):
         if key not in data:
             raise _bad(path, f"missing entry {key!r}")
@@ -436,6 +652,11 @@ def load_attention(path: str | os.PathLike) -> AttentionExport:
         if heads[p].shape != (n,):
             raise _bad(path, f"heads/{p} has shape {heads[p].shape}, the layer {n} heads")
     extras = {k[len("extra/") :]: v for k, v in data.items() if k.startswith("extra/")}
+    image, spatial, channel = None, {}, {}
+    if version >= 2:
+        image, spatial, channel = _load_images(path, data, B, kinds, q_tok, k_tok)
+    if not paths and not spatial and not channel:
+        raise _bad(path, "no attention layers and no spatial or channel maps")
     return AttentionExport(
         paths=paths,
         kinds=kinds,
@@ -449,4 +670,45 @@ def load_attention(path: str | os.PathLike) -> AttentionExport:
         key_lengths=k_len,
         extras=extras,
         meta=meta,
+        image=image,
+        spatial=spatial,
+        channel=channel,
+        format_version=version,
     )
+
+
+def _load_images(path, data, B, kinds, q_tok, k_tok):
+    """The version-2 entries of ``data``, validated as :func:`save_attention` does."""
+    spatial, channel = {}, {}
+    for prefix, maps, ndim in (("spatial/", spatial, 3), ("channel/", channel, 2)):
+        for key, value in data.items():
+            if key.startswith(prefix):
+                if value.ndim != ndim or value.shape[0] != B:
+                    raise _bad(path, f"{key} has shape {value.shape}, expected {ndim} axes, B={B}")
+                maps[key[len(prefix) :]] = value
+    fields = {
+        "pixels": data.get("image/pixels"),
+        "box": data.get("image/box"),
+        "grid": data.get("image/grid"),
+        "patch": data.get("image/patch"),
+        "prefix": data.get("image/prefix", np.array(0)),
+    }
+    if fields["pixels"] is None:
+        stray = [k for k in data if k.startswith("image/")]
+        if stray:
+            raise _bad(path, f"image entries {stray} without image/pixels")
+        return None, spatial, channel
+    try:
+        image = _check_image(fields, B)
+    except (ValueError, TypeError) as err:
+        raise _bad(path, str(err)) from None
+    if image.grid is not None:
+        for p, kind in kinds.items():
+            length = (q_tok if kind == "self" else k_tok).shape[1]
+            if kind != "cross" and image.prefix + image.num_patches > length:
+                raise _bad(
+                    path,
+                    f"layer {p!r} has {length} tokens, fewer than the image's "
+                    f"prefix + patches {image.prefix + image.num_patches}",
+                )
+    return image, spatial, channel

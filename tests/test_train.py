@@ -317,6 +317,7 @@ def test_task_runs_end_to_end_at_tiny_size(case, tmp_path):
         assert {"training_curves.png", "regression.png"} <= set(figures)
         assert any(f.startswith("heatmap") for f in figures)
         assert all((tmp_path / "run" / "figures" / f).stat().st_size > 1000 for f in figures)
+        assert "flaxattn-data" in (tmp_path / "run" / "figures" / "view.html").read_text()
     if config.task == "charlm":
         assert (tmp_path / "run" / "samples.txt").read_text().strip()
     if config.task == "reverse":  # re-exporting from the checkpoint gives the same weights

@@ -388,7 +388,8 @@ def _eval_line(step: int, metrics: dict[str, Any]) -> str:
 
 
 def draw_figures(workdir: Path, export_path: Path | None) -> list[Path]:
-    """Training curves, and the attention figures of the export, under ``workdir/figures``."""
+    """Training curves, and the attention figures of the export, under ``workdir/figures``,
+    with ``view.html``, the interactive explorer of the export (:func:`flaxattn.viz.explore`)."""
     from flaxattn import viz
 
     out = workdir / "figures"
@@ -399,4 +400,5 @@ def draw_figures(workdir: Path, export_path: Path | None) -> list[Path]:
             export_path, out, kinds=[k for k in viz.PLOT_KINDS if k != "curves"]
         )
         written += paths
+        written.append(viz.save_explorer(export_path, out / "view.html"))
     return written

@@ -1,5 +1,6 @@
 """Matplotlib figures of attention: heatmaps, layer x head grids, rollout, per-head statistics,
-text coloured by attention, and training curves.
+text coloured by attention, and training curves; and the interactive explorer, one offline
+HTML page per export (:func:`explorer_html`, :func:`save_explorer`, :func:`explore`).
 
 Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` and, given ``path``, also
 writes it there atomically (a temporary file, then ``os.replace``): PNG by default, PDF or SVG
@@ -12,6 +13,13 @@ they are never confused with a weight of zero. Past about 40 tokens only every k
 is shown.
 """
 
+from flaxattn.viz._explorer import (
+    EXPLORER_VIEWS,
+    Explorer,
+    explore,
+    explorer_html,
+    save_explorer,
+)
 from flaxattn.viz._plots import (
     FORMATS,
     MASKED_COLOR,
@@ -30,10 +38,14 @@ from flaxattn.viz._plots import (
 )
 
 __all__ = [
+    "EXPLORER_VIEWS",
+    "Explorer",
     "FORMATS",
     "MASKED_COLOR",
     "MAX_LABELS",
     "PLOT_KINDS",
+    "explore",
+    "explorer_html",
     "plot_attention_grid",
     "plot_export",
     "plot_head_stats",
@@ -42,6 +54,7 @@ __all__ = [
     "plot_text_attention",
     "plot_training_curves",
     "read_metrics",
+    "save_explorer",
     "save_figure",
     "text_attention_html",
 ]
