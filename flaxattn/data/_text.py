@@ -29,10 +29,36 @@ def default_text_paths() -> list[Path]:
     return paths
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """The contents of a UTF-8 text file; ``ValueError`` for a binary or non-UTF-8 file.
+
+    A NUL byte marks a binary file (text never has one); otherwise the first undecodable byte
+    is reported with its offset, so a Latin-1 file can be re-encoded rather than trained on
+    as garbage.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ValueError(f"text={str(p)!r}: cannot read it ({err.strerror or err})") from None
+    if b"\0" in data[:65536]:
+        raise ValueError(f"text={str(p)!r} is a binary file, expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text={str(p)!r} is not UTF-8 text (byte {err.start}: {data[err.start]:#04x})"
+        ) from None
+
+
 def load_text(path: str | os.PathLike | None = None, *, max_chars: int | None = None) -> str:
     """The text of ``path`` (UTF-8, undecodable bytes replaced), or the default corpus."""
-    paths = [Path(path)] if path is not None else default_text_paths()
-    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in paths)
+    if path is not None:
+        text = read_text_file(path)
+    else:  # the standard library's sources; a stray undecodable byte does not matter there
+        text = "\n".join(
+            p.read_text(encoding="utf-8", errors="replace") for p in default_text_paths()
+        )
     if max_chars is not None:
         text = text[:max_chars]
     if len(text) < 2:

@@ -2,12 +2,56 @@
 
 Every default run finishes in about three minutes on a 2-core CPU. Command-line overrides are
 ``dataclasses.replace(config, **changes)`` (``experiments/train.py --set key=value``).
+
+A config checks itself when it is made: every field's type against its annotation, then each
+class's ``check`` (ranges, choices, and fields that must agree), so a bad value is a
+``ValueError`` / ``TypeError`` naming the field, the expected and the given value, before any
+work starts. A task's config extends ``check`` and calls ``super().check()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+import types
+import typing
+from collections.abc import Collection
+from typing import Any
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a fine float (learning_rate=1)
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else tp.__name__
+
+
+def at_least(config: Any, minimum: int | float, *names: str) -> None:
+    """``ValueError`` naming the first of ``names`` whose value is below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value >= minimum:  # `not >=` catches nan
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def one_of(config: Any, name: str, choices: Collection[str]) -> None:
+    """``ValueError`` unless the field ``name`` is one of ``choices``."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +67,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     log_every: int = 50  # write a training record every this many steps
-    eval_every: int = 250  # evaluate every this many steps (and always at the end)
-    checkpoint_every: int = 500  # save a checkpoint every this many steps (and at the end)
+    eval_every: int = 250  # evaluate every this many steps (and always at the end; 0: only then)
+    checkpoint_every: int = (
+        500  # save a checkpoint every this many steps (and at the end; 0: only then)
+    )
     keep_checkpoints: int = 2  # how many checkpoints to keep
     eval_examples: int = 512  # held-out examples per evaluation
     export_examples: int = 8  # examples whose attention is exported at the end
@@ -32,6 +78,33 @@ class TrainConfig:
     figures: bool = True  # draw figures/*.png at the end
     data_parallel: int = 0  # devices on the 'data' mesh axis (0: every device, all processes')
     mesh: str = ""  # a data x sequence mesh, e.g. "data=4,seq=2" (overrides data_parallel)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _type_ok(value, hints[field.name]):
+                raise TypeError(
+                    f"{field.name} must be {_type_name(hints[field.name])}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the field for a value no run can use."""
+        at_least(self, 0, "seed", "steps", "warmup_steps", "weight_decay", "grad_clip",
+                 "eval_every", "checkpoint_every", "export_examples", "export_top_k",
+                 "data_parallel")  # fmt: skip
+        at_least(self, 1, "batch_size", "log_every", "keep_checkpoints", "eval_examples")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.mesh:
+            from flaxattn.train._mesh import parse_mesh
+
+            parse_mesh(self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +121,27 @@ class TransformerFields:
     positional: str = "sinusoidal"  # positional encoding: sinusoidal, learned or rope
     implementation: str | None = None  # attention kernel (None: flaxattn's rule)
 
+    def check(self) -> None:
+        super().check()  # type: ignore[misc]  # the TrainConfig this is mixed into
+        at_least(self, 1, "d_model", "num_heads", "num_kv_heads", "num_layers", "d_ff")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by "
+                             f"num_kv_heads={self.num_kv_heads}")  # fmt: skip
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        one_of(self, "positional", ("sinusoidal", "learned", "rope"))
+        if self.positional == "rope" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"positional='rope' needs an even head size, got d_model/num_heads="
+                             f"{self.d_model // self.num_heads}")  # fmt: skip
+        if self.implementation is not None:
+            from flaxattn.kernels import get_implementation
+
+            get_implementation(self.implementation)
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceConfig(TransformerFields, TrainConfig):
@@ -62,16 +156,28 @@ class SequenceConfig(TransformerFields, TrainConfig):
     d_model: int = 128
     d_ff: int = 256
 
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "num_symbols", "min_len")
+        if self.min_len > self.max_len:
+            raise ValueError(f"need min_len <= max_len, got min_len={self.min_len}, "
+                             f"max_len={self.max_len}")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class DatesConfig(TransformerFields, TrainConfig):
     """Date normalisation with the Bahdanau RNN seq2seq or the encoder-decoder Transformer."""
 
     task: str = "dates"
-    model: Literal["rnn", "transformer"] = "rnn"  # BahdanauSeq2Seq or EncoderDecoderTransformer
+    model: str = "rnn"  # BahdanauSeq2Seq or EncoderDecoderTransformer
     embed_dim: int = 32  # rnn: character embedding width
     hidden_dim: int = 64  # rnn: GRU state width (encoder per direction and decoder)
     steps: int = 1500
+
+    def check(self) -> None:
+        super().check()
+        one_of(self, "model", ("rnn", "transformer"))
+        at_least(self, 1, "embed_dim", "hidden_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +185,17 @@ class SentimentConfig(TransformerFields, TrainConfig):
     """Sentiment classification with the attention RNN or a Transformer encoder."""
 
     task: str = "sentiment"
-    model: Literal["rnn", "transformer"] = "rnn"  # RNNAttentionClassifier or TransformerClassifier
+    model: str = "rnn"  # RNNAttentionClassifier or TransformerClassifier
     embed_dim: int = 64  # rnn: word embedding width
     hidden_dim: int = 128  # rnn: recurrent state width (32 or 64 stall near 87%: negation)
     cell: str = "gru"  # rnn: recurrent cell (gru or lstm)
     steps: int = 600
+
+    def check(self) -> None:
+        super().check()
+        one_of(self, "model", ("rnn", "transformer"))
+        one_of(self, "cell", ("gru", "lstm"))
+        at_least(self, 1, "embed_dim", "hidden_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +217,17 @@ class CharLMConfig(TransformerFields, TrainConfig):
     temperature: float = 0.8  # sampling temperature
     top_k: int = 0  # sample from the k most likely characters (0: all)
 
+    def check(self) -> None:
+        super().check()
+        at_least(self, 2, "context")
+        at_least(self, 0, "sample_chars", "num_samples", "top_k")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.text is not None:
+            from flaxattn.data._text import read_text_file
+
+            read_text_file(self.text)  # a missing, binary or non-UTF-8 file fails here
+
 
 @dataclasses.dataclass(frozen=True)
 class NadarayaWatsonConfig(TrainConfig):
@@ -121,6 +244,11 @@ class NadarayaWatsonConfig(TrainConfig):
     eval_every: int = 50
     checkpoint_every: int = 200
     export_examples: int = 1
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "n_train", "n_test")
+        at_least(self, 0, "noise")
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {
@@ -143,33 +271,5 @@ def default_config(task: str) -> TrainConfig:
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the field for settings no run can use."""
-    positive = ["steps", "batch_size", "eval_examples"]
-    for name in positive:
-        if getattr(config, name) < (0 if name == "steps" else 1):
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in (
-        "log_every",
-        "eval_every",
-        "checkpoint_every",
-        "export_examples",
-        "export_top_k",
-        "warmup_steps",
-        "data_parallel",
-    ):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if config.mesh:
-        from flaxattn.train._mesh import parse_mesh
-
-        parse_mesh(config.mesh)
-    if config.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
-    if isinstance(config, SequenceConfig) and not 1 <= config.min_len <= config.max_len:
-        raise ValueError(
-            f"need 1 <= min_len <= max_len, got min_len={config.min_len}, max_len={config.max_len}"
-        )
-    if isinstance(config, TransformerFields) and config.d_model % config.num_heads:
-        raise ValueError(
-            f"d_model={config.d_model} is not divisible by num_heads={config.num_heads}"
-        )
+    """Check ``config`` again (it checked itself when made); kept for callers of 0.1."""
+    config.check()
