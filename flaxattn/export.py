@@ -72,6 +72,7 @@ import fnmatch
 import json
 import os
 import tempfile
+import types
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -145,7 +146,9 @@ def _check_image(image: ExportImage | Mapping[str, Any], B: int | None) -> Expor
             raise ValueError(f"image has unknown keys {sorted(unknown)}")
         if "pixels" not in image:
             raise ValueError("image needs 'pixels' ([B, Hi, Wi] or [B, Hi, Wi, C] in [0, 1])")
-        image = ExportImage(**image)
+        # Raw values (arrays read from a file) are normalised below, not put in an ExportImage.
+        image = types.SimpleNamespace(**{"box": None, "grid": None, "patch": None, "prefix": 0,
+                                         **image})  # fmt: skip
     elif not isinstance(image, ExportImage):
         raise TypeError(f"image must be an ExportImage or a mapping, got {type(image).__name__}")
     pixels = np.asarray(image.pixels)

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from flaxattn.kernels import dot_product_attention, ring_attention_fn
@@ -90,7 +90,7 @@ def make_mesh(
     return Mesh(grid, (DATA_AXIS, SEQ_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-SequenceSharding = Literal["shard", "replicate", "where_divisible"]
+SequenceSharding = str  # one of "shard", "replicate", "where_divisible"
 
 
 def batch_sharding(
@@ -199,7 +199,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree)
 
 
-def mesh_attention(mesh: Mesh, *, layout: str = "zigzag") -> Callable[..., Any]:
+def mesh_attention(mesh: Mesh | AbstractMesh, *, layout: str = "zigzag") -> Callable[..., Any]:
     """The attention function of a model on a `make_mesh` mesh.
 
     With a 'seq' axis of size > 1, ring attention over 'seq' with the batch on 'data', falling

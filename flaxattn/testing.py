@@ -5,7 +5,7 @@ built from index arithmetic of its own, not from `Visibility` or the block plan)
 numpy, in chunks of query rows so that long sequences fit in memory:
 
     s = scale · q kᵀ + bias → score_mod;   P = softmax(s) over the visible keys;   O = P V
-    dV = Pᵀ dO    dP = dO Vᵀ    dS = P ∘ (dP - rowsum(dO ∘ O))    (through score_mod)
+    dV = Pᵀ dO    dP = dO Vᵀ    dS = P ∘ (dP - rowsum(dO ∘ O) + dlse)    (through score_mod)
     dQ = scale · dS K    dK = scale · dSᵀ Q    dbias = dS (summed over broadcast axes)
 
 A query row with no visible key gives output 0, logsumexp -inf and gradients 0. GQA is the
@@ -157,6 +157,7 @@ def reference(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     d_out: Any = None,
+    d_lse: Any = None,
     return_weights: bool = False,
     rows: np.ndarray | None = None,
     visible: Visible | None = None,
@@ -170,6 +171,7 @@ def reference(
         local_window_size, causal_alignment, score_mod, mask_mod: as in
         `dot_product_attention` (bias and mask broadcastable to `[B, N, T, S]`).
       d_out: `[B, T, N, Hv]`, a cotangent of the output: gradients are computed for it.
+      d_lse: `[B, N, T]`, a cotangent of the logsumexp too (`∂lse/∂s = P`), or None.
       return_weights: also return the weights.
       rows: compute only these query rows (not with `d_out`).
       visible: `(rows [r]) -> [r, S]` booleans restricting each row further (a benchmark's
@@ -192,6 +194,9 @@ def reference(
         raise ValueError("reference: gradients need every row (rows=None).")
     qg = q.reshape(B, T, K, G, H)
     do = None if d_out is None else np.asarray(d_out, np.float64).reshape(B, T, K, G, Hv)
+    dl = np.zeros((B, K, G, T)) if d_lse is None else np.asarray(d_lse, np.float64).reshape(
+        B, K, G, T
+    )
     out = np.zeros((B, len(rows), K, G, Hv))
     lse = np.zeros((B, K, G, len(rows)))
     weights = np.zeros((B, K, G, len(rows), S)) if return_weights else None
@@ -246,7 +251,7 @@ def reference(
             do_c = do[:, chunk]
             grads[2] += np.einsum("bkgrs,brkgv->bskv", p, do_c, optimize=True)
             dp = np.einsum("brkgv,bskv->bkgrs", do_c, v, optimize=True)
-            delta = np.einsum("brkgv,brkgv->bkgr", do_c, o, optimize=True)
+            delta = np.einsum("brkgv,brkgv->bkgr", do_c, o, optimize=True) - dl[..., chunk]
             ds = p * (dp - delta[..., None])
             if pull is not None:
                 ds = np.where(ok, pull(ds), 0.0)

@@ -1,9 +1,9 @@
 """Shared test helpers: PRNG fixtures, the float64 reference of `flaxattn.testing` as a fixture,
 and the 8-device set-up of the `multidevice` tests.
 
-Kept minimal and side-effect free: nothing here changes global JAX configuration. Test
-modules that want strict shapes opt in with
-`pytestmark = pytest.mark.usefixtures("strict_rank_promotion")`.
+The whole suite runs with `jax_numpy_rank_promotion='raise'` (set below) and with jaxtyping's
+shape checks on every annotated function of flaxattn (`--jaxtyping-packages` in pyproject's
+pytest options).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxattn import testing
+# Implicit rank promotion is an error in every test (as in flax's suite): a broadcast that
+# adds axes must be written out.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Tolerances of the kernel tests that compare the reference implementation with jax.nn or the
 # float64 reference: bf16 / fp16 results differ by the rounding of the inputs' dtype (bf16 has
@@ -29,12 +31,15 @@ TOLERANCES = {
 }
 
 
-@pytest.fixture(scope="module")
-def strict_rank_promotion():
-    """Run a module with `jax_numpy_rank_promotion='raise'` (implicit rank broadcasting is an
-    error), restored afterwards. Thread-local and scoped, so other modules are unaffected."""
-    with jax.numpy_rank_promotion("raise"):
-        yield
+@pytest.fixture
+def unchecked():
+    """jaxtyping's checks off for one test. Error tests assert flaxattn's own messages, the ones
+    users get (the annotation checks exist only under pytest and would answer first)."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture
@@ -64,6 +69,8 @@ def np_visibility(
     alignment: str = "top_left",
 ) -> np.ndarray:
     """Dense `[B, 1, T, S]` visibility (`flaxattn.testing.visibility`)."""
+    from flaxattn import testing  # not at import: jaxtyping's hook must see flaxattn first
+
     return testing.visibility(B, T, S, is_causal=is_causal, window=window, q_lengths=q_lengths,
                               kv_lengths=kv_lengths, causal_alignment=alignment)[:, None]
 
@@ -71,6 +78,8 @@ def np_visibility(
 def np_attention(q, k, v, *, bias=None, mask=None, scale=None, logits_fn=None):
     """`(out [B, T, N, Hv], weights [B, N, T, S], lse [B, N, T])` of `flaxattn.testing.reference`
     in float64; `logits_fn(q [T, D], k [S, E], n) -> [T, S]` replaces the scaled dot product."""
+    from flaxattn import testing
+
     ref = testing.reference(q, k, v, bias, mask, scale=scale, logits_fn=logits_fn,
                             return_weights=True)  # fmt: skip
     return ref.out, ref.weights, ref.lse

@@ -133,10 +133,20 @@ def test_conformance(name, case, dtype):
         empty = ~np.broadcast_to(vis, (case.B, case.T, case.N, case.S)).any(-1)
         d_out = jnp.where(empty[..., None], 0, d_out)
 
+    # A cotangent on the logsumexp too (ring attention merges partial results by it).
+    d_lse = jnp.asarray(np.random.default_rng(5).standard_normal((case.B, case.T, case.N)),
+                        jnp.float32)  # fmt: skip
+    if empty is not None:
+        d_lse = jnp.where(empty, 0, d_lse)
+    if not impl.residual_grad:  # the registry says its logsumexp is a constant to autodiff
+        d_lse = jnp.zeros_like(d_lse)
+
     def outputs_and_grads(q, k, v, bias):
         results, vjp = jax.vjp(lambda *a: fn(*a, mask, dropout_key), q, k, v, bias)
-        cot = (d_out, jnp.zeros_like(results[1])) if isinstance(results, tuple) else d_out
-        return results, vjp(cot)
+        if not isinstance(results, tuple):
+            return results, vjp(d_out)
+        lse = results[1]
+        return results, vjp((d_out, jnp.where(jnp.isfinite(lse), d_lse, 0).astype(lse.dtype)))
 
     compiled = jax.jit(outputs_and_grads).lower(q, k, v, bias).compile(
         FAST_COMPILE if name == "pallas" else None
@@ -159,9 +169,15 @@ def test_conformance(name, case, dtype):
         if case.causal and case.alignment == "top_left":
             layout &= np.tril(np.ones_like(layout))
         visible = lambda rows: layout[rows // 8][:, np.arange(case.S) // 8]
+    has_lse = isinstance(results, tuple)
+    lse_cot = None
+    if has_lse:  # the cotangent the implementation got, in its dtype
+        lse_cot = np.where(np.isfinite(np.asarray(results[1], np.float32)),
+                           np.asarray(d_lse.astype(results[1].dtype), np.float32), 0)  # fmt: skip
+        lse_cot = np.swapaxes(lse_cot, 1, 2)  # [B, N, T]
     ref = reference(arrays["query"], arrays["key"], arrays["value"], arrays["bias"],
-                    arrays["mask"], d_out=np.asarray(d_out, np.float32), visible=visible,
-                    **case.keywords())  # fmt: skip
+                    arrays["mask"], d_out=np.asarray(d_out, np.float32), d_lse=lse_cot,
+                    visible=visible, **case.keywords())  # fmt: skip
     if empty is not None:  # compare the rows that see a key
         out = jnp.where(empty[..., None], 0, out)
         results = (out, jnp.where(empty, -jnp.inf, results[1]))  # lse [B, T, N]
@@ -239,3 +255,12 @@ def test_the_cases_use_every_feature_but_weights_and_traced_scales():
 
     missing = set(FEATURES) - _all_features_seen() - {"weights", "traced_scale", "mod_arrays"}
     assert not missing, missing
+
+
+@pytest.mark.parametrize("name", ["reference", "blocked", "xla"])
+def test_the_registry_states_whether_the_logsumexp_carries_gradients(name):
+    """`residual_grad` is what autodiff does: jax.nn's residual is a constant to it."""
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 2, 4)), jnp.float32)
+    lse_grad = jax.grad(lambda q: flaxattn.dot_product_attention(
+        q, q, q, implementation=name, return_residual=True)[1].sum())(q)  # fmt: skip
+    assert bool(jnp.any(lse_grad != 0)) == get_implementation(name).residual_grad

@@ -21,8 +21,6 @@ from jax.test_util import check_grads
 import flaxattn
 from flaxattn.kernels import choose_implementation, cosine_score, general_score
 
-pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
-
 DEFAULT = dict(B=2, T=5, S=7, N=4, K=2, H=8)
 
 

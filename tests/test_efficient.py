@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxattn import dot_product_attention
+from flaxattn import dot_product_attention, testing
 from flaxattn.kernels.efficient import (
     bigbird_block_layout,
     block_sparse_attention,
@@ -42,17 +42,9 @@ def qkv(T=T, S=None, N=N, K=K, H=H, seed=0, sigma=1.0):
 
 
 def visible_np(T, S, *, is_causal=False, q_len=None, kv_len=None, window=None):
-    """`[B, 1, T, S]` visibility from the definitions (top-left alignment)."""
-    q_len = np.full(B, T) if q_len is None else np.asarray(q_len)
-    kv_len = np.full(B, S) if kv_len is None else np.asarray(kv_len)
-    i = np.arange(T)[None, :, None]
-    j = np.arange(S)[None, None, :]
-    vis = (i < q_len[:, None, None]) & (j < kv_len[:, None, None])
-    if is_causal:
-        vis &= j <= i
-    if window is not None:
-        vis &= (j >= i - window[0]) & (j <= i + window[1])
-    return vis[:, None]
+    """`[B, 1, T, S]` visibility (top-left alignment), from `flaxattn.testing`."""
+    return testing.visibility(B, T, S, is_causal=is_causal, window=window, q_lengths=q_len,
+                              kv_lengths=kv_len)[:, None]
 
 
 def kernel_reference(phi_q, phi_k, v, weight):
@@ -218,6 +210,7 @@ def test_favor_honours_padding_and_masks():
     np.testing.assert_allclose(masked, truncated, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_favor_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="favor_attention needs random features: pass feature_key"):

@@ -106,6 +106,7 @@ def test_encoding_is_little_endian_deflate_base64():
         encode_codes(np.array([1.0]))
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_bits_choice_and_bad_values():
     assert choose_bits(None, AUTO_16_BITS_MAX_CELLS) == 16
     assert choose_bits(None, AUTO_16_BITS_MAX_CELLS + 1) == 8

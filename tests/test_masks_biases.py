@@ -22,8 +22,6 @@ from flaxattn.kernels import (
     window_mask,
 )
 
-pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
-
 
 def test_causal_mask_top_left_and_bottom_right():
     expected_top_left = np.array(

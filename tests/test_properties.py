@@ -1,5 +1,6 @@
-"""Hypothesis property tests of the reference implementation over random shapes, masks,
-lengths, causal and window options.
+"""Hypothesis property tests over random shapes, masks, biases, lengths, causal and window
+options: the reference and blocked implementations against the float64 reference, and
+invariances.
 
 Shapes come from a small fixed set (each new shape or option set compiles once), with
 `max_examples=25` per property, so the whole module stays a few seconds of compilation.
@@ -19,8 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import flaxattn
-
-pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
+from flaxattn import testing
 
 PROPERTY_SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -85,10 +85,9 @@ _STATIC = ("is_causal", "local_window_size", "causal_alignment")
 @functools.cache
 def _compiled(options: tuple) -> Callable:
     """One jitted function per set of static options, so repeated shapes hit jit's cache."""
+    options = {"implementation": "reference", **dict(options)}
     return jax.jit(
-        lambda q, k, v, arrays: flaxattn.dot_product_attention(
-            q, k, v, implementation="reference", **arrays, **dict(options)
-        )
+        lambda q, k, v, arrays: flaxattn.dot_product_attention(q, k, v, **arrays, **options)
     )
 
 
@@ -99,40 +98,35 @@ def _run(q, k, v, kw, **extra):
     return _compiled(tuple(sorted(options.items())))(q, k, v, arrays)
 
 
-def _oracle_inputs(d, kw, oracle):
-    visible = oracle.visibility(
-        d["B"], d["T"], d["S"],
-        is_causal=kw.get("is_causal", False),
-        window=kw.get("local_window_size"),
-        q_lengths=kw.get("query_seq_lengths"),
-        kv_lengths=kw.get("key_value_seq_lengths"),
-        alignment=kw.get("causal_alignment", "top_left"),
-    )
-    if "mask" in kw:
-        visible = visible & kw["mask"]
-    return np.broadcast_to(visible, (d["B"], d["N"], d["T"], d["S"])), kw.get("bias")
-
-
+@pytest.mark.parametrize("implementation", ["reference", "blocked"])
 @PROPERTY_SETTINGS
 @given(case=cases())
-def test_reference_matches_numpy_oracle(oracle, case):
+def test_implementations_match_the_float64_reference(implementation, case):
+    """On random shapes, masks, biases, lengths, causal and windows: the float64 reference
+    of `flaxattn.testing`; with the weights (reference), rows sum to 1 or, where nothing is
+    visible, to 0 exactly, with output 0."""
     d, kw, seed = case
     q, k, v = _qkv(d, seed)
-    out, res, w = _run(q, k, v, kw, return_residual=True, return_weights=True)
-    visible, bias = _oracle_inputs(d, kw, oracle)
-    ref_out, ref_w, ref_lse = oracle.attention(q, k, v, bias=bias, mask=visible)
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(w, ref_w, atol=2e-5, rtol=2e-5)
-    res, ref_lse = np.asarray(res), np.moveaxis(ref_lse, 1, 2)
+    extra = dict(return_residual=True, implementation=implementation)
+    if implementation == "blocked":
+        extra["block_sizes"] = (2, 2)
+    else:
+        extra["return_weights"] = True
+    results = _run(q, k, v, kw, **extra)
+    out, res = results[0], np.asarray(results[1])
+    ref = testing.reference(q, k, v, return_weights=True, **kw)
+    np.testing.assert_allclose(out, ref.out, atol=2e-5, rtol=2e-5)
+    ref_lse = np.moveaxis(ref.lse, 1, 2)
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(res[finite], ref_lse[finite], atol=2e-5, rtol=2e-5)
     assert np.all(np.isneginf(res[~finite]))
-    # Rows sum to 1, or to 0 exactly where nothing is visible (and their output is 0).
-    rows = visible.any(-1)
-    np.testing.assert_allclose(np.asarray(w).sum(-1), rows.astype(np.float32), atol=1e-5)
-    assert np.all(np.asarray(w)[~rows] == 0.0) and np.all(np.asarray(w) >= 0.0)
-    assert np.all(np.asarray(w)[~visible] == 0.0)
+    rows = np.moveaxis(finite, 1, 2)  # [B, N, T]: the rows that see a key
     assert np.all(np.asarray(out)[~np.moveaxis(rows, 1, 2)] == 0.0)
+    if implementation == "reference":
+        w = np.asarray(results[2])
+        np.testing.assert_allclose(w, ref.weights, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(w.sum(-1), rows.astype(np.float32), atol=1e-5)
+        assert np.all(w[~rows] == 0.0) and np.all(w >= 0.0)
 
 
 @PROPERTY_SETTINGS

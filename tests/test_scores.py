@@ -17,8 +17,6 @@ from flaxattn.kernels import (
     scaled_dot_product_score,
 )
 
-pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
-
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -28,8 +28,6 @@ from flaxattn.kernels import attention_weights as _attention_weights
 from flaxattn.kernels import single_head_attention as _single_head_attention
 from flaxattn.kernels._single_head import attention_parts as _attention_parts
 
-pytestmark = pytest.mark.usefixtures("strict_rank_promotion")
-
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -86,7 +85,7 @@ def head_entropy(
     query_lengths=None,
     key_lengths=None,
     mask=None,
-    unit: Literal["nats", "bits"] = "nats",
+    unit: str = "nats",
     per_example: bool = False,
 ) -> np.ndarray:
     """Mean row entropy ``-sum_j p_ij log p_ij`` per head: ``[N]`` (``[B, N]`` per example).
@@ -150,7 +149,7 @@ def layer_head_stats(
     layers: Mapping[str, np.ndarray],
     lengths: Mapping[str, tuple] | None = None,
     *,
-    unit: Literal["nats", "bits"] = "nats",
+    unit: str = "nats",
 ) -> dict[str, np.ndarray]:
     """Entropy, mean distance and sink mass per layer and head: each ``[L, max N]`` (NaN pad).
 
@@ -175,7 +174,7 @@ def layer_head_stats(
 def attention_rollout(
     layers: Sequence,
     *,
-    head_reduce: Literal["mean", "max", "min"] = "mean",
+    head_reduce: str = "mean",
     residual: float = 0.5,
     return_all: bool = False,
 ) -> np.ndarray:
@@ -289,7 +288,7 @@ def alignment_accuracy(
     query_lengths=None,
     key_lengths=None,
     mask=None,
-    heads: Literal["mean", "each"] | int = "mean",
+    heads: str | int = "mean",
 ):
     """Fraction of queries whose argmax key is the target key.
 

@@ -236,7 +236,7 @@ def _skip_reason(impl, pass_, point, sweep, history) -> str | None:
     return None
 
 
-def _setting(point: Point) -> tuple:
+def _setting(point: Point) -> Point:
     return dataclasses.replace(point, seq_len=0)
 
 

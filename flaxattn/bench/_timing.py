@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,7 @@ def compiled_temp_bytes(fn: Callable[..., Any], *args: Any) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def square_matmul(x: Array) -> Array:
+def square_matmul(x: ArrayLike) -> Array:
     """`x @ x` accumulated and returned in float32, as attention's products are: on CPU a bf16
     matmul with a bf16 result takes a path about 4x slower than with a float32 one (AMX), so a
     bf16-result ceiling would flatter every 16-bit kernel."""

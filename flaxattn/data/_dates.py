@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import string
-from typing import Literal
 
 import numpy as np
 
@@ -101,7 +100,7 @@ def date_batch(
     *,
     rng: np.random.Generator,
     vocab: Vocab,
-    split: Literal["train", "test"] = "train",
+    split: str = "train",
     test_fraction: float = 0.1,
 ) -> dict[str, np.ndarray]:
     """A batch of (human date, ISO date) pairs; held-out dates never occur in training.

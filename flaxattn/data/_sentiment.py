@@ -10,8 +10,6 @@ words, so attention can be scored against them (and 2 on negations, which also m
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from flaxattn.data._vocab import Vocab, in_test_split, pad_batch
@@ -119,7 +117,7 @@ def sentiment_batch(
     *,
     rng: np.random.Generator,
     vocab: Vocab,
-    split: Literal["train", "test"] = "train",
+    split: str = "train",
     test_fraction: float = 0.1,
 ) -> dict[str, np.ndarray]:
     """A batch of generated sentences; held-out sentences never occur in training.

@@ -8,13 +8,11 @@ content (see :func:`in_test_split`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from flaxattn.data._vocab import SPECIALS, Vocab, in_test_split, pad_batch
 
-SequenceTask = Literal["copy", "reverse", "sort"]
+SequenceTask = str  # one of "copy", "reverse", "sort"
 SEQUENCE_TASKS: tuple[str, ...] = ("copy", "reverse", "sort")
 _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -45,7 +43,7 @@ def sequence_batch(
     vocab: Vocab,
     min_len: int,
     max_len: int,
-    split: Literal["train", "test"] = "train",
+    split: str = "train",
     test_fraction: float = 0.1,
 ) -> dict[str, np.ndarray]:
     """A batch of ``task`` examples drawn from ``rng``.

@@ -46,7 +46,7 @@ class Vocab:
         index = self._index
         return [index.get(t, self.unk_id) for t in tokens]
 
-    def decode(self, ids: Iterable[int], *, strip: bool = True) -> list[str]:
+    def decode(self, ids: Iterable[int] | np.ndarray, *, strip: bool = True) -> list[str]:
         """Ids -> token strings. With ``strip``, stop at ``<eos>`` and drop ``<pad>``/``<bos>``."""
         out = []
         for i in ids:

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels import _registry
 from flaxattn.kernels._call import Result, finish, prepare
@@ -17,24 +18,24 @@ from flaxattn.kernels._single_head import MaskMod, ScoreMod
 
 
 def dot_product_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
-    scale: float | None = None,
+    scale: float | ArrayLike | None = None,
     is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     implementation: str | None = None,
     return_residual: bool = False,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    causal_alignment: str = "top_left",
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     dropout_rate: float = 0.0,
-    dropout_key: Array | None = None,
+    dropout_key: ArrayLike | None = None,
     return_weights: bool = False,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array | tuple[Array, ...]:
@@ -89,23 +90,23 @@ def dot_product_attention(
 
 
 def scored_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     score_fn: ScoreFn | None = None,
     score_params: Any = None,
     is_causal: bool = False,
-    query_seq_lengths: Array | None = None,
-    key_value_seq_lengths: Array | None = None,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
     local_window_size: int | tuple[int, int] | None = None,
-    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    causal_alignment: str = "top_left",
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     dropout_rate: float = 0.0,
-    dropout_key: Array | None = None,
+    dropout_key: ArrayLike | None = None,
     return_weights: bool = False,
 ) -> Array | tuple[Array, Array]:
     """Batched multi-head attention with any single-head score function (always by the
@@ -150,14 +151,14 @@ def scored_attention(
 
 
 def additive_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    query_weight: Array,
-    key_weight: Array,
-    energy_weight: Array,
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    query_weight: ArrayLike,
+    key_weight: ArrayLike,
+    energy_weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     **kwargs: Any,
 ) -> Array | tuple[Array, Array]:
     """Batched multi-head additive (Bahdanau) attention, `vᵀ tanh(W_q q + W_k k)` per head.

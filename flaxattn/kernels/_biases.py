@@ -6,7 +6,7 @@ import math
 
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 
 def alibi_slopes(num_heads: int) -> Float[Array, " N"]:
@@ -27,7 +27,8 @@ def alibi_slopes(num_heads: int) -> Float[Array, " N"]:
 
 
 def alibi_bias(
-    num_heads: int, T: int, S: int | None = None, *, symmetric: bool = False, offset: int = 0
+    num_heads: int, T: int, S: int | None = None, *, symmetric: bool = False,
+    offset: int | ArrayLike = 0,
 ) -> Float[Array, "1 N T S"]:
     """ALiBi bias `-slope_n · distance`, for the `bias` argument.
 
@@ -48,7 +49,7 @@ def alibi_bias(
 
 
 def relative_position_buckets(
-    relative_position: Int[Array, "..."],
+    relative_position: Int[ArrayLike, "..."],
     *,
     bidirectional: bool = True,
     num_buckets: int = 32,
@@ -78,7 +79,7 @@ def relative_position_buckets(
 
 
 def t5_relative_bias(
-    table: Float[Array, "R N"],
+    table: Float[ArrayLike, "R N"],
     T: int,
     S: int | None = None,
     *,

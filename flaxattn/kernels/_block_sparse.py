@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels._call import Call, Result, finish, prepare
 from flaxattn.kernels._heads import heads_to_rows, over_heads
@@ -38,15 +38,15 @@ class RowGroup(NamedTuple):
     """Query blocks `rows [R]` (static) each reading key blocks `idx [R, nk]` where `valid`."""
 
     rows: np.ndarray
-    idx: Array
-    valid: Array
+    idx: ArrayLike
+    valid: ArrayLike
 
 
 Plan = Callable[[Limits], Sequence[RowGroup]]
 """`plan(limits) -> groups`, called per example (limits are scalars there)."""
 
 
-def _gather_dense(x: Array | None, rows: np.ndarray, idx: Array, b: int) -> Array | None:
+def _gather_dense(x: ArrayLike | None, rows: np.ndarray, idx: ArrayLike, b: int) -> Array | None:
     """The `[R, b|1, nk·b|1]` part of a `[Tp|1, Sp|1]` bias or mask that a row group reads."""
     if x is None:
         return None
@@ -64,14 +64,14 @@ def _gather_dense(x: Array | None, rows: np.ndarray, idx: Array, b: int) -> Arra
 
 
 def gathered_block_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K H"],
+    value: Float[ArrayLike, "B S K Hv"],
     *,
     plan: Plan,
     block_size: int,
-    bias: Array | None = None,
-    mask: Array | None = None,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     visibility: Visibility | None = None,
     scale: float,
     score_mod: ScoreMod | None = None,
@@ -110,8 +110,8 @@ def gathered_block_attention(
         out = jnp.zeros((Tp // b, b, v.shape[-1]), jnp.float32)
         for group in plan(limits):
             R, nk = group.idx.shape
-            q_pos = group.rows[:, None] * b + offsets  # [R, b]
-            kv_pos = (group.idx[:, :, None] * b + offsets).reshape(R, nk * b)
+            q_pos = group.rows[:, None] * b + offsets[None, :]  # [R, b]
+            kv_pos = (group.idx[:, :, None] * b + offsets[None, None, :]).reshape(R, nk * b)
             kg = k_blocks[group.idx].reshape(R, nk * b, -1)  # [R, nk·b, H]
             vg = v_blocks[group.idx].reshape(R, nk * b, -1)
             logits = (
@@ -210,11 +210,11 @@ def layout_plan(layout: np.ndarray) -> list[RowGroup]:
 
 
 def block_sparse_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: Float[ArrayLike, "*B T N H"],
+    key: Float[ArrayLike, "*B S K H"],
+    value: Float[ArrayLike, "*B S K Hv"],
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     layout: np.ndarray | None = None,
@@ -223,7 +223,7 @@ def block_sparse_attention(
     num_random_blocks: int = 1,
     seed: int = 0,
     **keywords: Any,
-) -> Float[Array, "B T N Hv"]:
+) -> Float[Array, "*B T N Hv"]:
     """BigBird-style block-sparse attention: global, window and random key blocks per query block.
 
     Equals exact attention masked by the block pattern (expanded to positions) and by the

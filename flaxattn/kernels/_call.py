@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels import _validate as V
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
@@ -70,18 +71,18 @@ class Call:
       unbatched: the inputs came without a batch axis; `finish` removes it again.
     """
 
-    query: Array
-    key: Array
-    value: Array
-    bias: Array | None
-    mask: Array | None
+    query: ArrayLike
+    key: ArrayLike
+    value: ArrayLike
+    bias: ArrayLike | None
+    mask: ArrayLike | None
     dims: V.Dims
     visibility: Visibility
     scale: float | Array
     score_mod: ScoreMod | None = None
     mask_mod: MaskMod | None = None
     dropout_rate: float = 0.0
-    dropout_key: Array | None = None
+    dropout_key: ArrayLike | None = None
     implementation: Any = None
     return_residual: bool = False
     return_weights: bool = False
@@ -137,9 +138,9 @@ class Result(NamedTuple):
       weights: `[B, N, T, S]` float32, or None.
     """
 
-    out: Array
-    lse: Array | None = None
-    weights: Array | None = None
+    out: ArrayLike
+    lse: ArrayLike | None = None
+    weights: ArrayLike | None = None
 
 
 def _check_keywords(caller: str, keywords: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,11 +168,11 @@ def _check_block_sizes(block_sizes: Any) -> tuple[int, int] | None:
 
 
 def prepare(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     caller: str = "dot_product_attention",
     same_head_dim: bool = True,

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels._call import Call, Result, finish, prepare
 from flaxattn.kernels._linear import (
@@ -43,7 +43,7 @@ DEFAULT_NUM_FEATURES = 256
 
 
 def favor_projection(
-    key: Array, num_features: int, head_dim: int, *, orthogonal: bool = True
+    key: ArrayLike, num_features: int, head_dim: int, *, orthogonal: bool = True
 ) -> Float[Array, "M H"]:
     """Random projection `W [M, H]` for FAVOR+ features, rows distributed as `N(0, I_H)`.
 
@@ -74,25 +74,25 @@ def favor_projection(
     return rows * norms[:, None]
 
 
-def _log_features(x: Float[Array, "... H"], projection: Float[Array, "M H"]) -> Array:
+def _log_features(x: Float[ArrayLike, "... H"], projection: Float[ArrayLike, "M H"]) -> Array:
     """`log φ(x) + log √M = W x - |x|²/2`, float32."""
     return x @ projection.T - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
 
 def favor_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: Float[ArrayLike, "*B T N H"],
+    key: Float[ArrayLike, "*B S K H"],
+    value: Float[ArrayLike, "*B S K Hv"],
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     num_features: int = DEFAULT_NUM_FEATURES,
-    feature_key: Array | None = None,
-    projection: Float[Array, "M H"] | None = None,
+    feature_key: ArrayLike | None = None,
+    projection: Float[ArrayLike, "M H"] | None = None,
     orthogonal: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     **keywords: Any,
-) -> Float[Array, "B T N Hv"]:
+) -> Float[Array, "*B T N Hv"]:
     """Softmax attention approximated by FAVOR+ positive random features, O(T·M).
 
     Same calling convention as `dot_product_attention`, plus the random features: pass either
@@ -132,7 +132,9 @@ def favor_attention(
     return finish(call, FAVOR(call, projection=projection, chunk_size=chunk_size))
 
 
-def _run_favor(call: Call, *, projection: Array, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Result:
+def _run_favor(
+    call: Call, *, projection: ArrayLike, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Result:
     window_below_length(call, "favor_attention")
     dims = call.dims
     projection = jnp.asarray(projection, jnp.float32)

@@ -14,10 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 
-def _split_heads(x: Array | None, K: int, G: int) -> tuple[Array | None, tuple]:
+def _split_heads(x: ArrayLike | None, K: int, G: int) -> tuple[ArrayLike | None, tuple]:
     """View `x [B|1, N|1, T|1, S|1]` as `[B?, K?, G?, T|1, S|1]` for the three nested vmaps.
 
     Singleton batch/head axes are dropped and mapped with `None`, so a bias shared by all
@@ -34,11 +34,11 @@ def _split_heads(x: Array | None, K: int, G: int) -> tuple[Array | None, tuple]:
 
 def over_heads(
     one_head: Callable[..., Any],
-    query: Float[Array, "B T N D"],
-    key: Float[Array, "B S K E"],
-    value: Float[Array, "B S K Dv"],
+    query: Float[ArrayLike, "B T N D"],
+    key: Float[ArrayLike, "B S K E"],
+    value: Float[ArrayLike, "B S K Dv"],
     *,
-    pairs: Sequence[Array | None] = (),
+    pairs: Sequence[ArrayLike | None] = (),
     per_head: Any = None,
     per_example: Any = None,
 ) -> Any:
@@ -84,6 +84,6 @@ def over_heads(
     return jax.tree.map(lambda x: x.reshape((B, N) + x.shape[3:]), out)
 
 
-def heads_to_rows(x: Float[Array, "B N T Dv"]) -> Float[Array, "B T N Dv"]:
+def heads_to_rows(x: Float[ArrayLike, "B N T Dv"]) -> Float[Array, "B T N Dv"]:
     """`[B, N, T, Dv]` per-head outputs in the `[B, T, N, Dv]` layout."""
     return jnp.swapaxes(x, 1, 2)

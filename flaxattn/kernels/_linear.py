@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from flaxattn.kernels._call import Call, Result, finish, prepare
 from flaxattn.kernels._heads import heads_to_rows, over_heads
@@ -41,25 +41,30 @@ FeatureMap = Callable[[Array], Array]
 DEFAULT_CHUNK_SIZE = 64
 
 
-def elu_feature_map(x: Float[Array, "... H"]) -> Float[Array, "... H"]:
+def elu_feature_map(x: Float[ArrayLike, "... H"]) -> Float[Array, "... H"]:
     """`φ(x) = elu(x) + 1`, positive everywhere (Katharopoulos et al.)."""
     return jax.nn.elu(x) + 1.0
 
 
-def _safe_divide(num: Array, den: Array) -> Array:
+def _safe_divide(num: ArrayLike, den: ArrayLike) -> Array:
     """`num / den`, 0 where `den == 0` (a query that sees nothing), with finite gradients."""
     ok = den > 0.0
     return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
 
 
-def _all_keys(phi_q: Float[Array, "T F"], phi_k: Float[Array, "S F"], v: Float[Array, "S Dv"]):
+def _all_keys(
+    phi_q: Float[ArrayLike, "T F"], phi_k: Float[ArrayLike, "S F"], v: Float[ArrayLike, "S Dv"]
+):
     """Every query sees every (weighted) key: `(num [T, Dv], den [T])` in O((T + S)·F·Dv)."""
     kv = jnp.einsum("sf,sv->fv", phi_k, v)  # [F, Dv]
     return phi_q @ kv, phi_q @ jnp.sum(phi_k, axis=0)
 
 
 def _causal_chunked(
-    phi_q: Float[Array, "T F"], phi_k: Float[Array, "T F"], v: Float[Array, "T Dv"], chunk: int
+    phi_q: Float[ArrayLike, "T F"],
+    phi_k: Float[ArrayLike, "T F"],
+    v: Float[ArrayLike, "T Dv"],
+    chunk: int,
 ):
     """Query `i` sees keys `j <= i` (`T == S`): `(num [T, Dv], den [T])` by chunked prefix sums."""
     T = phi_q.shape[0]
@@ -70,17 +75,18 @@ def _causal_chunked(
     z = jnp.sum(kc, axis=1)  # [n, F]
     exclusive = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x[:-1], 0)], 0)
     kv_before, z_before = exclusive(kv), exclusive(z)  # states of all earlier chunks
-    within = jnp.einsum("ncf,ndf->ncd", qc, kc) * jnp.tril(jnp.ones((chunk, chunk)))  # [n, C, C]
+    causal = jnp.tril(jnp.ones((chunk, chunk)))[None]  # [1, C, C]
+    within = jnp.einsum("ncf,ndf->ncd", qc, kc) * causal  # [n, C, C]
     num = jnp.einsum("ncd,ndv->ncv", within, vc) + jnp.einsum("ncf,nfv->ncv", qc, kv_before)
     den = jnp.sum(within, axis=-1) + jnp.einsum("ncf,nf->nc", qc, z_before)
     return num.reshape(n * chunk, -1)[:T], den.reshape(-1)[:T]
 
 
 def _dense(
-    phi_q: Float[Array, "T F"],
-    phi_k: Float[Array, "S F"],
-    v: Float[Array, "S Dv"],
-    weight: Float[Array, "T S"],
+    phi_q: Float[ArrayLike, "T F"],
+    phi_k: Float[ArrayLike, "S F"],
+    v: Float[ArrayLike, "S Dv"],
+    weight: Float[ArrayLike, "T S"],
 ):
     """Explicit similarities times `weight` (0 where hidden): exact, O(T·S)."""
     a = (phi_q @ phi_k.T) * weight  # [T, S]
@@ -97,12 +103,12 @@ def _fast_causal(visibility: Visibility, T: int, S: int) -> bool:
 
 
 def kernelized_attention(
-    phi_q: Float[Array, "B T N F"],
-    phi_k: Float[Array, "B S K F"],
-    value: Float[Array, "B S K Hv"],
+    phi_q: Float[ArrayLike, "B T N F"],
+    phi_k: Float[ArrayLike, "B S K F"],
+    value: Float[ArrayLike, "B S K Hv"],
     *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
+    bias: Float[ArrayLike, "#B #N #T #S"] | None = None,
+    mask: Bool[ArrayLike, "#B #N #T #S"] | None = None,
     visibility: Visibility | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Float[Array, "B T N Hv"]:
@@ -187,17 +193,17 @@ def window_below_length(call: Call, caller: str) -> None:
 
 
 def linear_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: Float[ArrayLike, "*B T N H"],
+    key: Float[ArrayLike, "*B S K H"],
+    value: Float[ArrayLike, "*B S K Hv"],
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     scale: float | None = None,
     feature_map: FeatureMap = elu_feature_map,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     **keywords: Any,
-) -> Float[Array, "B T N Hv"]:
+) -> Float[Array, "*B T N Hv"]:
     """Linear attention, `φ(q)·φ(k)` with `φ = elu + 1`, in O(T) time and memory.
 
         out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j)      over the visible keys j

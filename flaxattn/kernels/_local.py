@@ -15,13 +15,13 @@ Child et al., "Generating Long Sequences with Sparse Transformers" (2019).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels._block_sparse import (
     GATHERED_SUPPORTS,
@@ -46,7 +46,7 @@ def default_block_size(left: int, right: int) -> int:
 
 
 def _static_offset(
-    T: int, S: int, alignment: str, q_lengths: Array | None, kv_lengths: Array | None
+    T: int, S: int, alignment: str, q_lengths: ArrayLike | None, kv_lengths: ArrayLike | None
 ) -> int | None:
     """Where query 0 sits on the key axis when that is the same for every example, else None
     (bottom-right alignment with lengths moves each example differently)."""
@@ -58,17 +58,17 @@ def _static_offset(
 
 
 def local_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: Float[ArrayLike, "*B T N H"],
+    key: Float[ArrayLike, "*B S K H"],
+    value: Float[ArrayLike, "*B S K Hv"],
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
     local_window_size: int | tuple[int, int] | None = None,
     block_size: int | None = None,
-    method: Literal["band", "blocked"] | None = None,
+    method: str | None = None,
     **keywords: Any,
-) -> Float[Array, "B T N Hv"]:
+) -> Float[Array, "*B T N Hv"]:
     """Exact sliding-window attention in O(T·w) time and memory.
 
     Equals `dot_product_attention(..., local_window_size=(left, right))` (query at position
@@ -105,7 +105,7 @@ def local_attention(
 
 
 def _run_local(
-    call: Call, *, block_size: int | None = None, method: Literal["band", "blocked"] | None = None
+    call: Call, *, block_size: int | None = None, method: str | None = None
 ) -> Result:
     vis = call.visibility
     window_below_length(call, "local_attention")
@@ -145,7 +145,7 @@ def _run_local(
 
         def band(limits: Limits) -> list[RowGroup]:
             first = jnp.floor_divide(rows * b + limits.offset - left, b)  # [R]
-            idx = first[:, None] + jnp.arange(nk)  # [R, nk]
+            idx = first[:, None] + jnp.arange(nk)[None, :]  # [R, nk]
             valid = (idx >= 0) & (idx < num_kv_blocks)
             return [RowGroup(rows, jnp.clip(idx, 0, num_kv_blocks - 1), valid)]
 

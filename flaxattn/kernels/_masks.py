@@ -11,7 +11,7 @@ import functools
 
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Bool, Int
+from jaxtyping import ArrayLike, Bool, Int
 
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
 from flaxattn.kernels._validate import check_window
@@ -25,7 +25,9 @@ def _dense(visibility: Visibility, T: int, S: int) -> Bool[Array, "T S"]:
     return visibility.visible(jnp.arange(T)[:, None], jnp.arange(S)[None, :], limits)
 
 
-def causal_mask(T: int, S: int | None = None, alignment: str = "top_left") -> Bool[Array, "T S"]:
+def causal_mask(
+    T: int, S: int | None = None, alignment: str = "top_left"
+) -> Bool[Array, "T S"]:
     """`[T, S]` causal mask; `'bottom_right'` aligns the last query with the last key."""
     S = T if S is None else S
     return _dense(Visibility(is_causal=True, causal_alignment=alignment), T, S)
@@ -40,7 +42,10 @@ def window_mask(
 
 
 def padding_mask(
-    query_lengths: Int[Array, " B"] | None, key_lengths: Int[Array, " B"] | None, T: int, S: int
+    query_lengths: Int[ArrayLike, " B"] | None,
+    key_lengths: Int[ArrayLike, " B"] | None,
+    T: int,
+    S: int,
 ) -> Bool[Array, "B 1 T S"]:
     """`[B, 1, T, S]` mask hiding query rows and key columns past each example's length."""
     q, k = True, True
@@ -52,12 +57,12 @@ def padding_mask(
     return jnp.broadcast_to(jnp.logical_and(q, k), (batch, T, S))[:, None]
 
 
-def _batch(*lengths: Array | None) -> int:
+def _batch(*lengths: ArrayLike | None) -> int:
     sizes = [x.shape[0] for x in lengths if x is not None]
     return sizes[0] if sizes else 1
 
 
-def combine_masks(*masks: Array | None) -> Array | None:
+def combine_masks(*masks: ArrayLike | None) -> Array | None:
     """Logical "and" of broadcastable masks, skipping `None`s (None if all are None)."""
     present = [jnp.asarray(m, bool) for m in masks if m is not None]
     return functools.reduce(jnp.logical_and, present) if present else None
@@ -75,7 +80,7 @@ def or_masks(*mods: MaskMod) -> MaskMod:
     return lambda q_idx, kv_idx: functools.reduce(jnp.logical_or, [m(q_idx, kv_idx) for m in mods])
 
 
-def causal_mask_mod(q_idx: Array, kv_idx: Array) -> Array:
+def causal_mask_mod(q_idx: ArrayLike, kv_idx: ArrayLike) -> Array:
     """`mask_mod`: key index at most the query index."""
     return kv_idx <= q_idx
 
@@ -86,7 +91,7 @@ def prefix_lm_mask_mod(prefix_length: int | Array) -> MaskMod:
 
 
 def document_mask_mod(
-    query_document_ids: Int[Array, " T"], key_document_ids: Int[Array, " S"] | None = None
+    query_document_ids: Int[ArrayLike, " T"], key_document_ids: Int[ArrayLike, " S"] | None = None
 ) -> MaskMod:
     """`mask_mod` for packed sequences: queries see only keys of the same document."""
     kv_ids = query_document_ids if key_document_ids is None else key_document_ids
@@ -103,14 +108,14 @@ def alibi_score_mod(slope: float | Array) -> ScoreMod:
     return lambda score, q_idx, kv_idx: score + slope * (kv_idx - q_idx).astype(jnp.float32)
 
 
-def relative_bias_score_mod(table: Array, max_distance: int) -> ScoreMod:
+def relative_bias_score_mod(table: ArrayLike, max_distance: int) -> ScoreMod:
     """`score_mod` adding a learned bias by clipped relative distance.
 
     Args:
       table: `[2 * max_distance + 1]` biases for `kv_idx - q_idx` in `[-max, max]`.
       max_distance: distances beyond it share the end entries.
     """
-    def mod(score: Array, q_idx: Array, kv_idx: Array) -> Array:
+    def mod(score: ArrayLike, q_idx: ArrayLike, kv_idx: ArrayLike) -> Array:
         rel = jnp.clip(kv_idx - q_idx, -max_distance, max_distance) + max_distance
         return score + table[rel]
 

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Bool, Int
+from jaxtyping import ArrayLike, Int
 
 from flaxattn.kernels._visibility import Limits, Visibility
 
@@ -43,7 +44,12 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def classify(
-    visibility: Visibility, limits: Limits, q_lo: Array, q_hi: Array, k_lo: Array, k_hi: Array
+    visibility: Visibility,
+    limits: Limits,
+    q_lo: ArrayLike,
+    q_hi: ArrayLike,
+    k_lo: ArrayLike,
+    k_hi: ArrayLike,
 ) -> Int[Array, "..."]:
     """`EMPTY`, `PARTIAL` or `FULL` for queries `[q_lo, q_hi)` against keys `[k_lo, k_hi)`.
 
@@ -67,7 +73,7 @@ def classify(
     return jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
-def combine_states(*states: Array) -> Array:
+def combine_states(*states: ArrayLike) -> Array:
     """The state of a block under several masks at once ("and"): the smallest."""
     return functools.reduce(jnp.minimum, states)
 
@@ -96,12 +102,14 @@ class BlockPlan:
       q_full: `[P, nk, nq]` bool: as `kv_full`, for the transposed lists.
     """
 
-    kv_count: Int[Array, "P nq"]
-    kv_index: Int[Array, "P nq nk"]
-    kv_full: Bool[Array, "P nq nk"]
-    q_count: Int[Array, "P nk"]
-    q_index: Int[Array, "P nk nq"]
-    q_full: Bool[Array, "P nk nq"]
+    # Shapes in the docstring, not as checked annotations: JAX rebuilds pytrees with other
+    # leaves (None, sentinels) in transformations.
+    kv_count: Any
+    kv_index: Any
+    kv_full: Any
+    q_count: Any
+    q_index: Any
+    q_full: Any
     block_q: int
     block_k: int
 
@@ -113,7 +121,7 @@ class BlockPlan:
     def num_k_blocks(self) -> int:
         return self.q_count.shape[1]
 
-    def example(self, b: Array) -> BlockPlan:
+    def example(self, b: ArrayLike) -> BlockPlan:
         """The plan of example `b` (with a leading axis of 1; any `b` if the plan is shared)."""
         if self.kv_count.shape[0] == 1:
             return self
@@ -128,13 +136,13 @@ class BlockPlan:
 _DATA_FIELDS = ("kv_count", "kv_index", "kv_full", "q_count", "q_index", "q_full")
 
 
-def _lists(states: Int[Array, "P r c"]) -> tuple[Array, Array, Array]:
+def _lists(states: Int[ArrayLike, "P r c"]) -> tuple[Array, Array, Array]:
     """Per row: how many blocks to visit, their indices (ascending), whether each is full."""
     visit = states != EMPTY
     # Stable: the visited columns first, each group in ascending order.
     order = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)
     count = visit.sum(-1).astype(jnp.int32)
-    n = jnp.arange(states.shape[-1])
+    n = jnp.arange(states.shape[-1]).reshape((1,) * (states.ndim - 1) + (-1,))
     last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
     last = jnp.where(count[..., None] > 0, last, 0)
     index = jnp.where(n < count[..., None], order, last)
@@ -142,7 +150,7 @@ def _lists(states: Int[Array, "P r c"]) -> tuple[Array, Array, Array]:
     return count, index, full
 
 
-def plan_from_states(states: Int[Array, "P nq nk"], block_q: int, block_k: int) -> BlockPlan:
+def plan_from_states(states: Int[ArrayLike, "P nq nk"], block_q: int, block_k: int) -> BlockPlan:
     """The `BlockPlan` of per-block states `[P, nq, nk]` (`EMPTY`, `PARTIAL`, `FULL`)."""
     kv_count, kv_index, kv_full = _lists(states)
     q_count, q_index, q_full = _lists(jnp.swapaxes(states, 1, 2))

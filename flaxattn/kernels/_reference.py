@@ -10,8 +10,7 @@ import functools
 from typing import Any
 
 import jax.numpy as jnp
-from jax import Array
-from jaxtyping import Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from flaxattn.kernels._call import Call, Result
 from flaxattn.kernels._heads import heads_to_rows, over_heads
@@ -27,20 +26,20 @@ from flaxattn.kernels._visibility import Visibility
 
 
 def reference_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K E"],
+    value: Float[ArrayLike, "B S K Hv"],
     *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
+    bias: Float[ArrayLike, "#B #N #T #S"] | None = None,
+    mask: Bool[ArrayLike, "#B #N #T #S"] | None = None,
     visibility: Visibility | None = None,
     score_fn: ScoreFn | None = None,
     score_params: Any = None,
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     dropout_rate: float = 0.0,
-    dropout_key: Array | None = None,
-) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T S"], Float[Array, "B N T"]]:
+    dropout_key: ArrayLike | None = None,
+) -> tuple[Float[ArrayLike, "B T N Hv"], Float[ArrayLike, "B N T S"], Float[ArrayLike, "B N T"]]:
     """Multi-head, batched attention from the single-head kernel (inputs already validated).
 
     Args:

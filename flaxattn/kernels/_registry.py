@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
 
 import jax
 
@@ -41,7 +40,7 @@ ALL_FEATURES = frozenset(FEATURES)
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 PLATFORMS = frozenset({"cpu", "gpu", "tpu"})
 
-Kind = Literal["exact", "pattern", "approximate"]
+Kind = str  # one of "exact", "pattern", "approximate"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,6 +65,8 @@ class Implementation:
       min_kv_length: `choose_implementation` prefers it only from this many keys on.
       quadratic_memory: it materialises `[B, N, T, S]` logits or weights.
       bias_grad: gradients flow to `bias` (stated for the README's table).
+      residual_grad: gradients flow through the logsumexp of `return_residual=True`; False
+        for the jax.nn delegates, whose residual is a constant to autodiff (jax 0.10).
       zero_empty_rows: a query row with no visible key gives output 0 (flaxattn's convention);
         False for the jax.nn delegates, which give the average of all values there.
       interpreted: `platform -> bool`: it runs interpreted there (Pallas on CPU): correct,
@@ -86,6 +87,7 @@ class Implementation:
     min_kv_length: int = 0
     quadratic_memory: bool = False
     bias_grad: bool = True
+    residual_grad: bool = True
     zero_empty_rows: bool = True
     interpreted: Callable[[str], bool] = lambda platform: False
 
@@ -103,6 +105,10 @@ class Implementation:
                 f"not on this machine's {platform!r} backend"
             )
         return None
+
+    def available(self, platform: str | None = None) -> bool:
+        """Whether it runs on `platform` (default: JAX's default backend)."""
+        return self.unavailable(platform) is None
 
     def unsupported(self, call: Call) -> str | None:
         """The first thing `call` needs that this implementation lacks (its message), or None."""
@@ -238,3 +244,30 @@ def run(call: Call) -> Result:
         wanted = [f for f in FEATURES if f != "mod_arrays" and call.uses(f)]
         name = choose_implementation(kv_length=call.dims.S, features=wanted)
     return get_implementation(name)(call)
+
+
+# The columns of `support_table`, in the order a reader compares backends.
+_TABLE_FEATURES = ("mask", "bias", "causal", "bottom_right", "window", "lengths", "gqa",
+                   "score_mod", "mask_mod", "dropout", "weights")  # fmt: skip
+
+
+def support_table() -> str:
+    """The registry as a markdown table: one row per implementation, one column per feature.
+
+    The README's table is this output (a test keeps them equal), so the documentation cannot
+    drift from what the implementations state.
+
+    Returns:
+      The table's markdown text, ending with a newline.
+    """
+    head = ["name", "kind", *_TABLE_FEATURES, "dtypes", "platforms", "O(T) memory"]
+    rows = ["| " + " | ".join(f"`{h}`" if h in FEATURES else h for h in head) + " |",
+            "|" + " --- |" * len(head)]  # fmt: skip
+    for impl in _REGISTRY.values():
+        cells = [f"`{impl.name}`", impl.kind]
+        cells += ["yes" if f in impl.supports else "" for f in _TABLE_FEATURES]
+        dtypes = ", ".join(d.replace("float", "f") for d in sorted(impl.dtypes))
+        cells += [dtypes, ", ".join(sorted(impl.platforms)), "" if impl.quadratic_memory else "yes"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+

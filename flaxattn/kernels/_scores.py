@@ -13,16 +13,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 ScoreFn = Callable[[Array, Array], Array]
 
 
-def _f32(x: Array) -> Array:
+def _f32(x: ArrayLike) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def dot_product_score(query: Float[Array, "T D"], key: Float[Array, "S D"]) -> Float[Array, "T S"]:
+def dot_product_score(
+    query: Float[ArrayLike, "T D"], key: Float[ArrayLike, "S D"]
+) -> Float[Array, "T S"]:
     """Dot-product score `q · k` (Luong "dot").
 
     Args:
@@ -36,7 +38,7 @@ def dot_product_score(query: Float[Array, "T D"], key: Float[Array, "S D"]) -> F
 
 
 def scaled_dot_product_score(
-    query: Float[Array, "T D"], key: Float[Array, "S D"], scale: float | None = None
+    query: Float[ArrayLike, "T D"], key: Float[ArrayLike, "S D"], scale: float | None = None
 ) -> Float[Array, "T S"]:
     """Scaled dot-product score `scale · q · k`, with `scale = 1/sqrt(D)` by default.
 
@@ -55,7 +57,7 @@ def scaled_dot_product_score(
 
 
 def general_score(
-    query: Float[Array, "T D"], key: Float[Array, "S E"], weight: Float[Array, "D E"]
+    query: Float[ArrayLike, "T D"], key: Float[ArrayLike, "S E"], weight: Float[ArrayLike, "D E"]
 ) -> Float[Array, "T S"]:
     """Multiplicative ("general") score `q W kᵀ`.
 
@@ -75,11 +77,11 @@ def general_score(
 
 
 def additive_score(
-    query: Float[Array, "T D"],
-    key: Float[Array, "S E"],
-    query_weight: Float[Array, "D A"],
-    key_weight: Float[Array, "E A"],
-    energy_weight: Float[Array, " A"],
+    query: Float[ArrayLike, "T D"],
+    key: Float[ArrayLike, "S E"],
+    query_weight: Float[ArrayLike, "D A"],
+    key_weight: Float[ArrayLike, "E A"],
+    energy_weight: Float[ArrayLike, " A"],
 ) -> Float[Array, "T S"]:
     """Additive (Bahdanau) score `vᵀ tanh(W_q q + W_k k)`.
 
@@ -102,8 +104,8 @@ def additive_score(
 
 
 def cosine_score(
-    query: Float[Array, "T D"],
-    key: Float[Array, "S D"],
+    query: Float[ArrayLike, "T D"],
+    key: Float[ArrayLike, "S D"],
     temperature: float | Array = 1.0,
     eps: float = 1e-6,
 ) -> Float[Array, "T S"]:
@@ -121,7 +123,7 @@ def cosine_score(
     Returns:
       Logits `[T, S]` in float32, in `[-1/temperature, 1/temperature]`.
     """
-    def unit(x: Array) -> Array:
+    def unit(x: ArrayLike) -> Array:
         # max(|x|, eps) as sqrt(max(|x|², eps²)): same value, and the gradient stays finite
         # at x = 0, where the gradient of jnp.linalg.norm is NaN.
         squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from flaxattn.kernels._scores import ScoreFn, scaled_dot_product_score
 from flaxattn.kernels._softmax import masked_softmax
@@ -23,7 +23,9 @@ MaskMod = Callable[[Array, Array], Array]
 """`mask_mod(q_idx, kv_idx) -> bool`, True = attend, elementwise on broadcast index arrays."""
 
 
-def dropout_keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Bool[Array, "..."]:
+def dropout_keep_mask(
+    key: ArrayLike, rate: float, shape: tuple[int, ...]
+) -> Bool[Array, "..."]:
     """Booleans of `shape`, each True (kept) with probability `1 - rate`.
 
     Drawn flat and reshaped: with JAX's partitionable threefry, compiling the draw of a
@@ -36,18 +38,18 @@ def dropout_keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Bool[A
 
 
 def attention_parts(
-    query: Float[Array, "T D"],
-    key: Float[Array, "S D"],
-    value: Float[Array, "S Dv"],
+    query: Float[ArrayLike, "T D"],
+    key: Float[ArrayLike, "S Dk"],
+    value: Float[ArrayLike, "S Dv"],
     *,
     score_fn: ScoreFn | None = None,
-    bias: Float[Array, "T S"] | None = None,
-    mask: Bool[Array, "T S"] | None = None,
+    bias: Float[ArrayLike, "#T #S"] | None = None,
+    mask: Bool[ArrayLike, "#T #S"] | None = None,
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     dropout_rate: float = 0.0,
-    dropout_key: Array | None = None,
-) -> tuple[Float[Array, "T Dv"], Float[Array, "T S"], Float[Array, " T"]]:
+    dropout_key: ArrayLike | None = None,
+) -> tuple[Float[ArrayLike, "T Dv"], Float[ArrayLike, "T S"], Float[ArrayLike, " T"]]:
     """One head of attention, returning the output, the weights and the logsumexp.
 
     Args:
@@ -77,18 +79,18 @@ def attention_parts(
 
 
 def attention_parts_with_keep(
-    query: Float[Array, "T D"],
-    key: Float[Array, "S D"],
-    value: Float[Array, "S Dv"],
+    query: Float[ArrayLike, "T D"],
+    key: Float[ArrayLike, "S Dk"],
+    value: Float[ArrayLike, "S Dv"],
     *,
     score_fn: ScoreFn | None = None,
-    bias: Float[Array, "T S"] | None = None,
-    mask: Bool[Array, "T S"] | None = None,
+    bias: Float[ArrayLike, "#T #S"] | None = None,
+    mask: Bool[ArrayLike, "#T #S"] | None = None,
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     dropout_rate: float = 0.0,
-    keep: Bool[Array, "T S"] | None = None,
-) -> tuple[Float[Array, "T Dv"], Float[Array, "T S"], Float[Array, " T"]]:
+    keep: Bool[ArrayLike, "#T #S"] | None = None,
+) -> tuple[Float[ArrayLike, "T Dv"], Float[ArrayLike, "T S"], Float[ArrayLike, " T"]]:
     """`attention_parts` with the dropout decided by `keep` (True = kept, drawn by the
     caller: the batched reference draws every head's mask at once), not by a key."""
     score_fn = scaled_dot_product_score if score_fn is None else score_fn
@@ -115,7 +117,10 @@ def attention_parts_with_keep(
 
 
 def attention(
-    query: Float[Array, "T D"], key: Float[Array, "S D"], value: Float[Array, "S Dv"], **kwargs
+    query: Float[ArrayLike, "T D"],
+    key: Float[ArrayLike, "S Dk"],
+    value: Float[ArrayLike, "S Dv"],
+    **kwargs,
 ) -> Float[Array, "T Dv"]:
     """One head of attention: `softmax(score(q, k) + bias, mask) @ v`.
 
@@ -129,7 +134,7 @@ def attention(
 
 
 def attention_weights(
-    query: Float[Array, "T D"], key: Float[Array, "S D"], **kwargs
+    query: Float[ArrayLike, "T D"], key: Float[ArrayLike, "S Dk"], **kwargs
 ) -> Float[Array, "T S"]:
     """The attention weights `[T, S]` (float32) of one head; rows sum to 1, or 0 if empty.
 

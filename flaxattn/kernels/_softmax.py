@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import Array
-from jaxtyping import Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 
 def masked_softmax(
-    logits: Float[Array, "*rows S"], mask: Bool[Array, "*rows S"] | None = None
-) -> tuple[Float[Array, "*rows S"], Float[Array, "*rows"]]:
+    logits: Float[ArrayLike, "*rows S"], mask: Bool[ArrayLike, "*rows S"] | None = None
+) -> tuple[Float[ArrayLike, "*rows S"], Float[ArrayLike, "*rows"]]:
     """Softmax over the last axis, restricted to `mask`, in float32.
 
     Masked logits are replaced by the dtype's minimum *before* the exponent, so neither the

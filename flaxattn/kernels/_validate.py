@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jaxtyping import ArrayLike
 
 
 class Dims(NamedTuple):
@@ -60,7 +61,9 @@ def check_scale(scale: object, head_dim: int) -> float | Array:
         raise TypeError(f"scale must be a number, got {scale!r}.") from None
 
 
-def check_qkv(query: Array, key: Array, value: Array, *, same_head_dim: bool = True) -> Dims:
+def check_qkv(
+    query: ArrayLike, key: ArrayLike, value: ArrayLike, *, same_head_dim: bool = True
+) -> Dims:
     """Check `query [B, T, N, H]`, `key [B, S, K, H]`, `value [B, S, K, Hv]` (rank 4)."""
     check_arrays(query=query, key=key, value=value)
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -103,7 +106,7 @@ def check_qkv(query: Array, key: Array, value: Array, *, same_head_dim: bool = T
 
 
 def check_broadcastable(
-    name: str, x: Array | None, dims: Dims, *, boolean: bool
+    name: str, x: ArrayLike | None, dims: Dims, *, boolean: bool
 ) -> Array | None:
     """Check that `x` broadcasts to `[B, N, T, S]` and return it as rank 4.
 
@@ -130,7 +133,7 @@ def check_broadcastable(
     return x.reshape(shape)
 
 
-def check_lengths(name: str, x: Array | None, batch: int) -> Array | None:
+def check_lengths(name: str, x: ArrayLike | None, batch: int) -> Array | None:
     """Check a `[B]` integer array of sequence lengths."""
     if x is None:
         return None
@@ -161,7 +164,7 @@ def check_window(local_window_size: int | tuple[int, int] | None) -> tuple[int, 
     return int(window[0]), int(window[1])
 
 
-def check_dropout(rate: float, key: Array | None) -> None:
+def check_dropout(rate: float, key: ArrayLike | None) -> None:
     """Check the dropout rate (a static number in [0, 1)) and that a single PRNG key comes
     with it (`jax.random.key(...)`, or a legacy `jax.random.PRNGKey(...)` uint32 array)."""
     check_static("dropout_rate", rate, "float")

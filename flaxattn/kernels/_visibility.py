@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import ArrayLike
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -23,9 +24,9 @@ class Limits(NamedTuple):
     `i < q_len`, `j < kv_len`, and the causal / window conditions hold at that position.
     """
 
-    q_len: Array
-    kv_len: Array
-    offset: Array
+    q_len: ArrayLike
+    kv_len: ArrayLike
+    offset: ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,8 @@ class Visibility:
 
     is_causal: bool = False
     window: tuple[int, int] | None = None
-    q_lengths: Array | None = None
-    kv_lengths: Array | None = None
+    q_lengths: ArrayLike | None = None
+    kv_lengths: ArrayLike | None = None
     causal_alignment: str = "top_left"
 
     @property
@@ -66,7 +67,7 @@ class Visibility:
         offset = kv - q if self.causal_alignment == "bottom_right" else jnp.zeros_like(q)
         return Limits(q, kv, offset)
 
-    def visible(self, q_idx: Array, kv_idx: Array, limits: Limits) -> Array:
+    def visible(self, q_idx: ArrayLike, kv_idx: ArrayLike, limits: Limits) -> Array:
         """Boolean visibility for broadcastable index arrays and scalar (per-example) limits."""
         ok = (q_idx < limits.q_len) & (kv_idx < limits.kv_len)
         pos = q_idx + limits.offset
@@ -77,7 +78,9 @@ class Visibility:
             ok &= (kv_idx >= pos - left) & (kv_idx <= pos + right)
         return ok
 
-    def key_range(self, q_start: Array, q_stop: Array, limits: Limits) -> tuple[Array, Array]:
+    def key_range(
+        self, q_start: ArrayLike, q_stop: ArrayLike, limits: Limits
+    ) -> tuple[Array, Array]:
         """Half-open range `[lo, hi)` of keys visible to any query in `[q_start, q_stop)`.
 
         Blocks outside it are empty and can be skipped. `hi <= lo` means nothing is visible.

@@ -1,7 +1,8 @@
 """`'xla'` and `'cudnn'`: delegate to `jax.nn.dot_product_attention`, for comparison.
 
 They keep jax.nn's convention for a query row with no visible key (the average of all values,
-where flaxattn gives 0): the registry states it (`zero_empty_rows=False`).
+where flaxattn gives 0), and jax.nn's logsumexp residual carries no gradient: the registry
+states both (`zero_empty_rows=False`, `residual_grad=False`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ register(
     Implementation(
         "xla", functools.partial(run, implementation="xla"),
         "jax.nn.dot_product_attention with XLA's implementation (materialises [T, S])",
-        supports=_SUPPORTS, quadratic_memory=True, zero_empty_rows=False,
+        supports=_SUPPORTS, quadratic_memory=True, zero_empty_rows=False, residual_grad=False,
         # XLA:CPU has no float16 dot with float32 accumulation (F16_F16_F32).
         dtypes_on={"cpu": frozenset({"bfloat16", "float32", "float64"})},
     )
@@ -49,6 +50,7 @@ register(
         "cudnn", functools.partial(run, implementation="cudnn"),
         "jax.nn.dot_product_attention with cuDNN's fused kernel (NVIDIA GPUs)",
         supports=_SUPPORTS, platforms=frozenset({"gpu"}), zero_empty_rows=False,
+        residual_grad=False,
         dtypes=frozenset({"float16", "bfloat16"}),
     )
 )

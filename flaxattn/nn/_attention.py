@@ -7,14 +7,14 @@ decoding), N query heads, K key/value heads (K divides N), H head dim, F feature
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import Array
-from jaxtyping import Bool, Float, Int
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from flaxattn.kernels import combine_masks, dot_product_attention, get_implementation
 from flaxattn.kernels._validate import check_choice
@@ -74,7 +74,7 @@ class MultiHeadAttention(Capturable, nnx.Module):
         attention: str | Callable[..., Array] | None = None,
         implementation: str | None = None,
         attention_fn: Callable[..., Array] | None = None,
-        kind: Literal["self", "cross"] = "self",
+        kind: str = "self",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: nnx.Initializer = _LECUN_NORMAL,
@@ -154,18 +154,18 @@ class MultiHeadAttention(Capturable, nnx.Module):
     # ------------------------------------------------------------------------------ call
     def __call__(
         self,
-        inputs_q: Float[Array, "B T F"],
-        inputs_kv: Float[Array, "B S F"] | None = None,
+        inputs_q: Float[ArrayLike, "B T F"],
+        inputs_kv: Float[ArrayLike, "B S Fkv"] | None = None,
         *,
-        mask: Bool[Array, "B N T S"] | None = None,
-        bias: Float[Array, "B N T S"] | None = None,
+        mask: Bool[ArrayLike, "*#BN #T #L"] | None = None,
+        bias: Float[ArrayLike, "*#BN #T #L"] | None = None,
         is_causal: bool = False,
-        query_seq_lengths: Int[Array, " B"] | None = None,
-        key_value_seq_lengths: Int[Array, " B"] | None = None,
+        query_seq_lengths: Int[ArrayLike, " B"] | None = None,
+        key_value_seq_lengths: Int[ArrayLike, " B"] | None = None,
         decode: bool = False,
         deterministic: bool | None = None,
-        head_mask: Bool[Array, " N"] | None = None,
-        head_scale: Float[Array, " N"] | None = None,
+        head_mask: Bool[ArrayLike, " N"] | Sequence[bool] | None = None,
+        head_scale: Float[ArrayLike, " N"] | Sequence[float] | None = None,
     ) -> Float[Array, "B T F_out"]:
         """Attend from `inputs_q` to `inputs_kv` (self-attention when it is None).
 
@@ -295,7 +295,7 @@ def _aligns_bottom_right(attention: str | Callable | None) -> bool:
     return True
 
 
-def _check_features(name: str, x: Array, features: int) -> None:
+def _check_features(name: str, x: ArrayLike, features: int) -> None:
     if x.ndim != 3 or x.shape[-1] != features:
         raise ValueError(
             f"{name} must have shape [B, length, {features}], got shape {tuple(x.shape)}."
@@ -303,7 +303,9 @@ def _check_features(name: str, x: Array, features: int) -> None:
 
 
 def _intervene(
-    x: Float[Array, "B T N H"], head_mask: Array | None, head_scale: Array | None
+    x: Float[ArrayLike, "B T N H"],
+    head_mask: ArrayLike | Sequence[bool] | None,
+    head_scale: ArrayLike | Sequence[float] | None,
 ) -> Float[Array, "B T N H"]:
     """Per-head ablation and scaling of the attention output, before the out projection."""
     N = x.shape[2]
@@ -311,7 +313,8 @@ def _intervene(
         if given is not None and np.shape(given) != (N,):
             raise ValueError(f"{name} must have shape [N] = [{N}], got {np.shape(given)}.")
     if head_mask is not None:
-        x = jnp.where(jnp.asarray(head_mask, bool)[:, None], x, jnp.zeros((), x.dtype))
+        keep = jnp.asarray(head_mask, bool).reshape(1, 1, N, 1)
+        x = jnp.where(keep, x, jnp.zeros((), x.dtype))
     if head_scale is not None:
-        x = x * jnp.asarray(head_scale, x.dtype)[:, None]
+        x = x * jnp.asarray(head_scale, x.dtype).reshape(1, 1, N, 1)
     return x

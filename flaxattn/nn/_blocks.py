@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.nn._attention import MultiHeadAttention
 from flaxattn.nn._positional import RoPE
@@ -32,7 +32,9 @@ class FeedForward(nnx.Module):
         self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
         self.dropout = dropout_layer(dropout_rate, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], *, deterministic: bool) -> Float[Array, "B T D"]:
+    def __call__(
+        self, x: Float[ArrayLike, "B T D"], *, deterministic: bool
+    ) -> Float[Array, "B T D"]:
         hidden = _ACTIVATIONS[self.activation](self.up(x))  # [B, T, d_ff]
         return self.down(self.dropout(hidden, deterministic=deterministic))
 
@@ -50,7 +52,7 @@ class _Sublayer(nnx.Module):
         self.norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.dropout = dropout_layer(dropout_rate, rngs)
 
-    def __call__(self, x: Array, fn: Callable[[Array], Array], *, deterministic: bool) -> Array:
+    def __call__(self, x: ArrayLike, fn: Callable[[Array], Array], *, deterministic: bool) -> Array:
         if self.pre_ln:
             return x + self.dropout(fn(self.norm(x)), deterministic=deterministic)
         return self.norm(x + self.dropout(fn(x), deterministic=deterministic))
@@ -113,7 +115,7 @@ class _TransformerLayer(nnx.Module):
         )
         self.feed_forward_sublayer = _Sublayer(d_model, **sublayer)
 
-    def _self_attend(self, x: Array, *, lengths, deterministic, decode, **kwargs: Any) -> Array:
+    def _self_attend(self, x: ArrayLike, *, lengths, deterministic, decode, **kwargs: Any) -> Array:
         lengths = {} if decode else dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
         return self.self_attention_sublayer(
             x,
@@ -123,7 +125,7 @@ class _TransformerLayer(nnx.Module):
             deterministic=deterministic,
         )
 
-    def _feed_forward(self, x: Array, deterministic: bool) -> Array:
+    def _feed_forward(self, x: ArrayLike, deterministic: bool) -> Array:
         return self.feed_forward_sublayer(
             x, lambda y: self.feed_forward(y, deterministic=deterministic),
             deterministic=deterministic,
@@ -138,16 +140,16 @@ class TransformerEncoderLayer(_TransformerLayer):
 
     def __call__(
         self,
-        x: Float[Array, "B T D"],
+        x: Float[ArrayLike, "B T D"],
         *,
-        lengths: Int[Array, " B"] | None = None,
-        bias: Array | None = None,
-        mask: Array | None = None,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        bias: ArrayLike | None = None,
+        mask: ArrayLike | None = None,
         is_causal: bool = False,
         deterministic: bool = True,
         decode: bool = False,
-        head_mask: Array | None = None,
-        head_scale: Array | None = None,
+        head_mask: ArrayLike | Sequence[bool] | None = None,
+        head_scale: ArrayLike | Sequence[float] | None = None,
     ) -> Float[Array, "B T D"]:
         """Args: `x [B, T, D]`; `lengths [B]` (padding); `bias`, `mask`, `is_causal`, `decode`,
         `head_mask`, `head_scale` as in `MultiHeadAttention`. Returns `[B, T, D]`."""
@@ -176,16 +178,16 @@ class TransformerDecoderLayer(_TransformerLayer):
 
     def __call__(
         self,
-        x: Float[Array, "B T D"],
-        memory: Float[Array, "B S D"] | None = None,
+        x: Float[ArrayLike, "B T D"],
+        memory: Float[ArrayLike, "B S D"] | None = None,
         *,
-        lengths: Int[Array, " B"] | None = None,
-        memory_lengths: Int[Array, " B"] | None = None,
-        bias: Array | None = None,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        memory_lengths: Int[ArrayLike, " B"] | None = None,
+        bias: ArrayLike | None = None,
         deterministic: bool = True,
         decode: bool = False,
-        head_mask: Array | None = None,
-        head_scale: Array | None = None,
+        head_mask: ArrayLike | Sequence[bool] | None = None,
+        head_scale: ArrayLike | Sequence[float] | None = None,
     ) -> Float[Array, "B T D"]:
         """Args: `x [B, T, D]`; `memory [B, S, D]` (the encoder output; required with cross-
         attention); `lengths [B]`, `memory_lengths [B]` (padding); `bias` for the self-attention

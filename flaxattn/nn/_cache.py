@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.nn._checks import check_positive
 
@@ -26,9 +26,11 @@ class KVCache:
         position of the next token (RoPE and absolute positions continue from it).
     """
 
-    key: Float[Array, "B L K H"]
-    value: Float[Array, "B L K H"]
-    index: Int[Array, ""]
+    # Shapes in the docstring, not as checked annotations: JAX rebuilds pytrees with other
+    # leaves (None, sentinels) in transformations.
+    key: Any
+    value: Any
+    index: Any
 
     @classmethod
     def zeros(
@@ -45,7 +47,9 @@ class KVCache:
         """L, the number of slots."""
         return self.key.shape[1]
 
-    def append(self, key: Float[Array, "B T K H"], value: Float[Array, "B T K H"]) -> KVCache:
+    def append(
+        self, key: Float[ArrayLike, "B T K H"], value: Float[ArrayLike, "B T K H"]
+    ) -> KVCache:
         """Write `T` new positions at `index` and advance it; writing past `L` is an error.
 
         The check is on the host when `index` is concrete (a `ValueError`). Under `jit` it is
@@ -73,7 +77,7 @@ class KVCache:
         )
 
 
-def _check_room(index: Array, *, length: int, max_length: int) -> None:
+def _check_room(index: ArrayLike, *, length: int, max_length: int) -> None:
     index = int(index)
     if index + length > max_length:
         raise ValueError(

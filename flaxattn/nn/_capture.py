@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels import dot_product_attention
 
@@ -48,7 +49,7 @@ class Capturable:
     capture: CaptureSpec | None = None
     num_heads: int
 
-    def record_weights(self, weights: Array) -> None:
+    def record_weights(self, weights: ArrayLike) -> None:
         """Select heads / top-k from full weights `[B, N, T, S]` and sow them."""
         if self.capture.heads is not None:
             weights = weights[:, jnp.asarray(self.capture.heads)]
@@ -56,12 +57,12 @@ class Capturable:
             weights = _top_k(weights, self.capture.top_k)
         self.sow_captured(weights)
 
-    def sow_captured(self, captured: Array | tuple[Array, Array]) -> None:
+    def sow_captured(self, captured: ArrayLike | tuple[Array, Array]) -> None:
         """Sow already-selected weights (as `capture_reference_weights` returns them)."""
         self.sow(AttentionWeights, "weights", captured)
 
 
-def _top_k(weights: Array, k: int) -> tuple[Array, Array]:
+def _top_k(weights: ArrayLike, k: int) -> tuple[Array, Array]:
     if k > weights.shape[-1]:
         raise ValueError(f"top_k ({k}) exceeds the number of keys S={weights.shape[-1]}.")
     values, indices = jax.lax.top_k(weights, k)
@@ -70,11 +71,11 @@ def _top_k(weights: Array, k: int) -> tuple[Array, Array]:
 
 def capture_reference_weights(
     spec: CaptureSpec,
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None,
-    mask: Array | None,
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None,
+    mask: ArrayLike | None,
     **visibility: Any,
 ) -> Array | tuple[Array, Array]:
     """Weights of the chosen heads by the reference kernel, one head at a time.
@@ -94,7 +95,7 @@ def capture_reference_weights(
     N, K = query.shape[2], key.shape[2]
     heads = jnp.arange(N) if spec.heads is None else jnp.asarray(spec.heads)
 
-    def take(x: Array | None, head: Array, axis: int) -> Array | None:
+    def take(x: ArrayLike | None, head: ArrayLike, axis: int) -> Array | None:
         if x is None or x.shape[axis] == 1:
             return x
         return jax.lax.dynamic_index_in_dim(x, head, axis)
@@ -102,7 +103,7 @@ def capture_reference_weights(
     bias = None if bias is None else _rank4(bias)
     mask = None if mask is None else _rank4(mask)
 
-    def one_head(head: Array):
+    def one_head(head: ArrayLike):
         kv_head = head // (N // K)
         _, weights = dot_product_attention(
             take(query, head, 2), take(key, kv_head, 2), take(value, kv_head, 2),
@@ -116,7 +117,7 @@ def capture_reference_weights(
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), per_head)
 
 
-def _rank4(x: Array) -> Array:
+def _rank4(x: ArrayLike) -> Array:
     x = jnp.asarray(x)
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 

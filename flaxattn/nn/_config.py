@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from flaxattn.kernels import get_implementation
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._checks import check_positive
 
-Positional = Literal["sinusoidal", "learned", "rope", "alibi", "t5", "none"]
+Positional = str  # one of "sinusoidal", "learned", "rope", "alibi", "t5", "none"
 POSITIONAL = ("sinusoidal", "learned", "rope", "alibi", "t5", "none")
 ACTIVATIONS = ("gelu", "relu")
 
@@ -36,7 +35,7 @@ class TransformerConfig:
     attention_dropout_rate: float = 0.0  # dropout on the attention weights
     num_encoder_layers: int | None = None  # encoder depth (None = num_layers)
     src_vocab_size: int | None = None  # encoder vocabulary (None = vocab_size)
-    activation: Literal["gelu", "relu"] = "gelu"  # nonlinearity of the feed-forward block
+    activation: str = "gelu"  # nonlinearity of the feed-forward block
     normalize_qk: bool = False  # LayerNorm on queries and keys per head (ViT-22B)
     use_bias: bool = True  # biases in the q/k/v/out projections
     tie_embeddings: bool = False  # output logits reuse the (target) token embedding matrix

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
+from jaxtyping import ArrayLike
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method", "options"))
@@ -54,7 +55,7 @@ def scan_decode(
 
 
 def sample(
-    logits: Array, key: Array, temperature: Array, *, top_k: int | None, greedy: bool
+    logits: ArrayLike, key: ArrayLike, temperature: ArrayLike, *, top_k: int | None, greedy: bool
 ) -> Array:
     """Next tokens `[B]` int32 from logits `[B, V]`: argmax, or sampling at `temperature`
     from the `top_k` most likely tokens (all when None)."""

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels import dot_product_attention
 from flaxattn.nn._attention import MultiHeadAttention
@@ -42,13 +43,13 @@ def flax_attention_fn(implementation: str | None = None, **kernel_kwargs: Any) -
     """
 
     def attention_fn(
-        query: Array,
-        key: Array,
-        value: Array,
-        bias: Array | None = None,
-        mask: Array | None = None,
+        query: ArrayLike,
+        key: ArrayLike,
+        value: ArrayLike,
+        bias: ArrayLike | None = None,
+        mask: ArrayLike | None = None,
         broadcast_dropout: bool = True,
-        dropout_rng: Array | None = None,
+        dropout_rng: ArrayLike | None = None,
         dropout_rate: float = 0.0,
         deterministic: bool = False,
         dtype: Any = None,
@@ -91,7 +92,7 @@ def flax_attention_fn(implementation: str | None = None, **kernel_kwargs: Any) -
     return attention_fn
 
 
-def _flatten_batch(x: Array, batch: tuple[int, ...]) -> Array:
+def _flatten_batch(x: ArrayLike, batch: tuple[int, ...]) -> Array:
     """`[batch..., a, b, c]` as `[prod(batch), a, b, c]`. A mask or bias with fewer axes gets
     leading singletons; one whose batch axes are not all 1 is broadcast to the batch."""
     x = jnp.asarray(x)
@@ -102,7 +103,7 @@ def _flatten_batch(x: Array, batch: tuple[int, ...]) -> Array:
     return x.reshape((-1,) + rest)
 
 
-def from_flax_nnx(mha: nnx.MultiHeadAttention, *, rngs: nnx.Rngs) -> MultiHeadAttention:
+def from_flax_nnx(mha: nnx.Module, *, rngs: nnx.Rngs) -> MultiHeadAttention:
     """A flaxattn `MultiHeadAttention` with the weights of a `flax.nnx.MultiHeadAttention`.
 
     Both hold the same `nnx.LinearGeneral` projections (query, key, value, out) and, with

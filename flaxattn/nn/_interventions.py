@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
 from flax import nnx
+from jaxtyping import ArrayLike
 
 from flaxattn.nn._attention import MultiHeadAttention
 from flaxattn.nn._capture import attention_layers, temporarily
@@ -29,8 +30,8 @@ class HeadIntervention:
 def head_interventions(
     model: nnx.Module,
     *,
-    masks: Mapping[str, Sequence[bool]] | None = None,
-    scales: Mapping[str, Sequence[float]] | None = None,
+    masks: Mapping[str, Sequence[bool] | ArrayLike] | None = None,
+    scales: Mapping[str, Sequence[float] | ArrayLike] | None = None,
 ) -> Iterator[nnx.Module]:
     """Within the block, the named attention layers ablate / scale their heads in every call.
 

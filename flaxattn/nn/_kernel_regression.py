@@ -11,14 +11,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.kernels import scored_attention
 from flaxattn.nn._capture import Capturable
 
 
 def gaussian_score(
-    query: Float[Array, "T 1"], key: Float[Array, "S 1"], inverse_two_h2: Float[Array, ""]
+    query: Float[ArrayLike, "T 1"],
+    key: Float[ArrayLike, "S 1"],
+    inverse_two_h2: Float[ArrayLike, ""],
 ) -> Float[Array, "T S"]:
     """One head's Gaussian-kernel logits `-(q - k)² / (2h²)`, scalars per position."""
     return -jnp.square(query - key.T).astype(jnp.float32) * inverse_two_h2
@@ -54,11 +56,11 @@ class NadarayaWatson(Capturable, nnx.Module):
 
     def __call__(
         self,
-        queries: Float[Array, "B T"],
-        keys: Float[Array, "B S"],
-        values: Float[Array, "B S"],
+        queries: Float[ArrayLike, "B T"],
+        keys: Float[ArrayLike, "B S"],
+        values: Float[ArrayLike, "B S"],
         *,
-        key_value_seq_lengths: Int[Array, " B"] | None = None,
+        key_value_seq_lengths: Int[ArrayLike, " B"] | None = None,
     ) -> Float[Array, "B T"]:
         """Predictions `[B, T]` at `queries` from the pairs `(keys, values)` `[B, S]`."""
         for name, x in (("queries", queries), ("keys", keys), ("values", values)):

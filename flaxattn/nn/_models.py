@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.nn._blocks import dropout_layer
 from flaxattn.nn._checks import attention_choice, check_positive, check_tokens
@@ -31,7 +31,7 @@ class _LanguageHead:
             else nnx.Linear(config.d_model, config.vocab_size, rngs=rngs)
         )
 
-    def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    def _logits(self, x: Float[ArrayLike, "B T D"]) -> Float[Array, "B T V"]:
         return self.decoder.embed.attend(x) if self.head is None else self.head(x)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> None:
@@ -60,7 +60,7 @@ class EncoderDecoderTransformer(_LanguageHead, nnx.Module):
         self._init_head(rngs)
 
     def encode(
-        self, src: Int[Array, "B S"], *, src_lengths: Int[Array, " B"] | None = None,
+        self, src: Int[ArrayLike, "B S"], *, src_lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "B S D"]:
         """The encoder output ("memory") `[B, S, D]`."""
@@ -68,11 +68,11 @@ class EncoderDecoderTransformer(_LanguageHead, nnx.Module):
 
     def decode(
         self,
-        tgt_in: Int[Array, "B T"],
-        memory: Float[Array, "B S D"],
+        tgt_in: Int[ArrayLike, "B T"],
+        memory: Float[ArrayLike, "B S D"],
         *,
-        src_lengths: Int[Array, " B"] | None = None,
-        tgt_lengths: Int[Array, " B"] | None = None,
+        src_lengths: Int[ArrayLike, " B"] | None = None,
+        tgt_lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
         decode: bool = False,
     ) -> Float[Array, "B T V"]:
@@ -84,11 +84,11 @@ class EncoderDecoderTransformer(_LanguageHead, nnx.Module):
 
     def __call__(
         self,
-        src: Int[Array, "B S"],
-        tgt_in: Int[Array, "B T"],
+        src: Int[ArrayLike, "B S"],
+        tgt_in: Int[ArrayLike, "B T"],
         *,
-        src_lengths: Int[Array, " B"] | None = None,
-        tgt_lengths: Int[Array, " B"] | None = None,
+        src_lengths: Int[ArrayLike, " B"] | None = None,
+        tgt_lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "B T V"]:
         """Teacher-forced logits `[B, T, V]`: `tgt_in` is the target shifted right (BOS first)."""
@@ -97,7 +97,7 @@ class EncoderDecoderTransformer(_LanguageHead, nnx.Module):
                            deterministic=deterministic)
 
     def greedy_decode(
-        self, src: Int[Array, "B S"], src_lengths: Int[Array, " B"] | None = None, *,
+        self, src: Int[ArrayLike, "B S"], src_lengths: Int[ArrayLike, " B"] | None = None, *,
         max_length: int, bos_id: int,
     ) -> Int[Array, "B L"]:
         """Greedy output tokens `[B, max_length]` (BOS not included), with the KV cache under
@@ -137,9 +137,9 @@ class DecoderLM(_LanguageHead, nnx.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "B T"],
+        tokens: Int[ArrayLike, "B T"],
         *,
-        lengths: Int[Array, " B"] | None = None,
+        lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
         decode: bool = False,
     ) -> Float[Array, "B T V"]:
@@ -149,14 +149,14 @@ class DecoderLM(_LanguageHead, nnx.Module):
 
     def generate(
         self,
-        prompt: Int[Array, "B P"],
+        prompt: Int[ArrayLike, "B P"],
         max_new_tokens: int,
         *,
-        rng: Array,
+        rng: ArrayLike,
         temperature: float = 1.0,
         top_k: int | None = None,
         greedy: bool = False,
-    ) -> Int[Array, "B P+M"]:
+    ) -> Int[Array, "B L"]:
         """Continue `prompt` by `max_new_tokens` tokens with the KV cache, under jit.
 
         The prompt is fed as one chunk, then one token per step. Sampling is from
@@ -212,7 +212,7 @@ class TransformerClassifier(nnx.Module):
         self.head = nnx.Linear(config.d_model, num_classes, rngs=rngs)
 
     def __call__(
-        self, tokens: Int[Array, "B T"], lengths: Int[Array, " B"] | None = None, *,
+        self, tokens: Int[ArrayLike, "B T"], lengths: Int[ArrayLike, " B"] | None = None, *,
         deterministic: bool = True,
     ) -> Float[Array, "B C"]:
         """Class logits `[B, C]` of `tokens [B, T]`, valid up to `lengths [B]`."""
@@ -221,7 +221,9 @@ class TransformerClassifier(nnx.Module):
         return self.head(self.dropout(pooled, deterministic=deterministic))
 
 
-def masked_mean(x: Float[Array, "B T D"], lengths: Int[Array, " B"] | None) -> Float[Array, "B D"]:
+def masked_mean(
+    x: Float[ArrayLike, "B T D"], lengths: Int[ArrayLike, " B"] | None
+) -> Float[Array, "B D"]:
     """Mean over the first `lengths[b]` positions of each example (all when None)."""
     if lengths is None:
         return x.mean(axis=1)

@@ -8,12 +8,14 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.kernels import t5_relative_bias
 
 
-def sinusoidal_encoding(positions: Int[Array, "*B T"], d_model: int) -> Float[Array, "*B T D"]:
+def sinusoidal_encoding(
+    positions: Int[ArrayLike, "*B T"], d_model: int
+) -> Float[Array, "*B T D"]:
     """Fixed sinusoidal encodings (Vaswani et al. 2017), float32.
 
         PE[p, 2i] = sin(p / 10000^(2i / D)),   PE[p, 2i + 1] = cos(p / 10000^(2i / D))
@@ -21,7 +23,8 @@ def sinusoidal_encoding(positions: Int[Array, "*B T"], d_model: int) -> Float[Ar
     if d_model % 2:
         raise ValueError(f"sinusoidal encodings need an even d_model, got {d_model}.")
     inv_freq = 10_000.0 ** (-jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)  # [D/2]
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [*B, T, D/2]
+    positions = jnp.asarray(positions, jnp.float32)[..., None]  # [*B, T, 1]
+    angle = positions * inv_freq.reshape((1,) * (positions.ndim - 1) + (-1,))  # [*B, T, D/2]
     return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*angle.shape[:-1], -1)
 
 
@@ -34,7 +37,7 @@ class LearnedPositionalEmbedding(nnx.Module):
             max_len, d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
         )
 
-    def __call__(self, positions: Int[Array, "*B T"]) -> Float[Array, "*B T D"]:
+    def __call__(self, positions: Int[ArrayLike, "*B T"]) -> Float[Array, "*B T D"]:
         """Embeddings of `positions`; the caller keeps them below `max_len` (checked there)."""
         return self.embedding(positions)
 
@@ -57,7 +60,7 @@ class RoPE:
 
 
 def apply_rope(
-    x: Float[Array, "B T N H"], positions: Int[Array, "*B T"], rope: RoPE
+    x: Float[ArrayLike, "B T N H"], positions: Int[ArrayLike, "*B T"], rope: RoPE
 ) -> Float[Array, "B T N H"]:
     """Rotate `x` by its positions (half-split pairing, as in GPT-NeoX and Gemma).
 
@@ -72,8 +75,10 @@ def apply_rope(
     R = rope.rotated_dims(x.shape[-1])
     half = R // 2
     inv_freq = rope.base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [R/2]
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [*B, T, R/2]
-    sin = jnp.sin(angle)[..., None, :]  # [*B, T, 1, R/2]
+    positions = jnp.asarray(positions, jnp.float32)[..., None]  # [*B, T, 1]
+    angle = positions * inv_freq.reshape((1,) * (positions.ndim - 1) + (-1,))  # [*B, T, R/2]
+    angle = angle.reshape((1,) * (3 - angle.ndim) + angle.shape)  # [B|1, T, R/2]
+    sin = jnp.sin(angle)[..., None, :]  # [B|1, T, 1, R/2]
     cos = jnp.cos(angle)[..., None, :]
     x1 = x[..., :half].astype(jnp.float32)
     x2 = x[..., half:R].astype(jnp.float32)

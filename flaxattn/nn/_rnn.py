@@ -7,13 +7,13 @@ Hd hidden size, V vocabulary, C classes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._blocks import dropout_layer
@@ -22,7 +22,7 @@ from flaxattn.nn._decoding import run_on_copy
 from flaxattn.nn._scored_attention import AdditiveAttention
 
 CELLS = ("gru", "lstm")
-Cell = Literal["gru", "lstm"]
+Cell = str  # one of "gru", "lstm"
 
 
 def _make_cell(cell: str, in_features: int, hidden: int, rngs: nnx.Rngs) -> nnx.RNNCellBase:
@@ -31,7 +31,7 @@ def _make_cell(cell: str, in_features: int, hidden: int, rngs: nnx.Rngs) -> nnx.
     return make(in_features, hidden, rngs=rngs)
 
 
-def _carry(cell: str, h: Float[Array, "B Hd"]) -> Any:
+def _carry(cell: str, h: Float[ArrayLike, "B Hd"]) -> Any:
     """The cell's carry with hidden state `h` (an LSTM's memory starts at zero)."""
     return h if cell == "gru" else (jnp.zeros_like(h), h)
 
@@ -76,7 +76,7 @@ class RNNAttentionClassifier(nnx.Module):
         self.head = nnx.Linear(hidden_dim, num_classes, rngs=rngs)
 
     def __call__(
-        self, tokens: Int[Array, "B T"], lengths: Int[Array, " B"] | None = None, *,
+        self, tokens: Int[ArrayLike, "B T"], lengths: Int[ArrayLike, " B"] | None = None, *,
         deterministic: bool = True,
     ) -> Float[Array, "B C"]:
         """Class logits `[B, C]` of `tokens [B, T]`, valid up to `lengths [B]`."""
@@ -131,8 +131,8 @@ class BahdanauSeq2Seq(nnx.Module):
         self.head = nnx.Linear(3 * Hd, tgt_vocab_size, rngs=rngs)
 
     def encode(
-        self, src: Int[Array, "B S"], src_lengths: Int[Array, " B"] | None = None
-    ) -> tuple[Float[Array, "B S 2Hd"], Any]:
+        self, src: Int[ArrayLike, "B S"], src_lengths: Int[ArrayLike, " B"] | None = None
+    ) -> tuple[Float[ArrayLike, "B S D"], Any]:
         """Encoder states `[B, S, 2Hd]` and the decoder's initial carry."""
         check_tokens("src", src)
         x = self.src_embed(src)  # [B, S, E]
@@ -152,8 +152,8 @@ class BahdanauSeq2Seq(nnx.Module):
         return carry, self.head(jnp.concatenate([out, context], axis=-1)), weights
 
     def __call__(
-        self, src: Int[Array, "B S"], src_lengths: Int[Array, " B"] | None,
-        tgt_in: Int[Array, "B T"],
+        self, src: Int[ArrayLike, "B S"], src_lengths: Int[ArrayLike, " B"] | None,
+        tgt_in: Int[ArrayLike, "B T"],
     ) -> Float[Array, "B T V"]:
         """Teacher-forced logits `[B, T, V]`; `tgt_in` is the target shifted right (BOS first)."""
         check_tokens("tgt_in", tgt_in)
@@ -171,7 +171,7 @@ class BahdanauSeq2Seq(nnx.Module):
         return jnp.swapaxes(logits, 0, 1)
 
     def greedy_decode(
-        self, src: Int[Array, "B S"], src_lengths: Int[Array, " B"] | None = None, *,
+        self, src: Int[ArrayLike, "B S"], src_lengths: Int[ArrayLike, " B"] | None = None, *,
         max_length: int, bos_id: int,
     ) -> Int[Array, "B L"]:
         """Greedy output tokens `[B, max_length]` (BOS not included), under jit."""

@@ -8,12 +8,12 @@ features, A attention (energy) features.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Bool, Float, Int
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from flaxattn.kernels import additive_attention, general_score, scored_attention
 from flaxattn.kernels._validate import check_choice
@@ -33,20 +33,20 @@ class _ScoredAttention(Capturable, nnx.Module):
         self.kind = kind
         self.capture = None
 
-    def _kernel(self, query: Array, key: Array, value: Array, **kwargs: Any):
+    def _kernel(self, query: ArrayLike, key: ArrayLike, value: ArrayLike, **kwargs: Any):
         raise NotImplementedError
 
     def attend(
         self,
-        query: Float[Array, "B T D"],
-        keys: Float[Array, "B S E"],
-        values: Float[Array, "B S Ev"] | None = None,
+        query: Float[ArrayLike, "B T D"],
+        keys: Float[ArrayLike, "B S E"],
+        values: Float[ArrayLike, "B S Ev"] | None = None,
         *,
-        mask: Bool[Array, "B N T S"] | None = None,
-        query_seq_lengths: Int[Array, " B"] | None = None,
-        key_value_seq_lengths: Int[Array, " B"] | None = None,
+        mask: Bool[ArrayLike, "*#BN #T #L"] | None = None,
+        query_seq_lengths: Int[ArrayLike, " B"] | None = None,
+        key_value_seq_lengths: Int[ArrayLike, " B"] | None = None,
         return_weights: bool = False,
-    ) -> tuple[Float[Array, "B T NEv"], Float[Array, "B N T S"] | None]:
+    ) -> tuple[Float[ArrayLike, "B T NEv"], Float[ArrayLike, "B N T S"] | None]:
         """Like `__call__`, but returns `(output, weights or None)` and sows nothing (for use
         inside `lax.scan`, where a model records the stacked weights afterwards)."""
         values = keys if values is None else values
@@ -63,13 +63,13 @@ class _ScoredAttention(Capturable, nnx.Module):
 
     def __call__(
         self,
-        query: Float[Array, "B T D"],
-        keys: Float[Array, "B S E"],
-        values: Float[Array, "B S Ev"] | None = None,
+        query: Float[ArrayLike, "B T D"],
+        keys: Float[ArrayLike, "B S E"],
+        values: Float[ArrayLike, "B S Ev"] | None = None,
         *,
-        mask: Bool[Array, "B N T S"] | None = None,
-        query_seq_lengths: Int[Array, " B"] | None = None,
-        key_value_seq_lengths: Int[Array, " B"] | None = None,
+        mask: Bool[ArrayLike, "*#BN #T #L"] | None = None,
+        query_seq_lengths: Int[ArrayLike, " B"] | None = None,
+        key_value_seq_lengths: Int[ArrayLike, " B"] | None = None,
     ) -> Float[Array, "B T NEv"]:
         """Attend from `query [B, T, D]` to `keys [B, S, E]`, pooling `values [B, S, Ev]`
         (default: the keys). Masks and lengths as in `flaxattn.dot_product_attention`.
@@ -99,7 +99,7 @@ class AdditiveAttention(_ScoredAttention):
 
     def __init__(
         self, query_features: int, key_features: int, attention_features: int | None = None,
-        *, num_heads: int = 1, kind: Literal["self", "cross"] = "cross", rngs: nnx.Rngs,
+        *, num_heads: int = 1, kind: str = "cross", rngs: nnx.Rngs,
     ):
         super().__init__(num_heads, kind)
         A = key_features if attention_features is None else attention_features
@@ -128,7 +128,7 @@ class MultiplicativeAttention(_ScoredAttention):
 
     def __init__(
         self, query_features: int, key_features: int, *, num_heads: int = 1,
-        kind: Literal["self", "cross"] = "cross", rngs: nnx.Rngs,
+        kind: str = "cross", rngs: nnx.Rngs,
     ):
         super().__init__(num_heads, kind)
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))

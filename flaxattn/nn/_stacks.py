@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 
 from flaxattn.kernels import alibi_bias
 from flaxattn.nn._blocks import (
@@ -72,7 +72,7 @@ class _Stack(nnx.Module):
         self.final_norm = nnx.LayerNorm(D, rngs=rngs) if config.pre_ln else nnx.data(None)
 
     def _embed(
-        self, tokens: Int[Array, "B T"], offset: int | Array, deterministic: bool
+        self, tokens: Int[ArrayLike, "B T"], offset: int | Array, deterministic: bool
     ) -> Float[Array, "B T D"]:
         """Scaled token embeddings plus absolute positions `offset + [0, T)`."""
         check_tokens("tokens", tokens)
@@ -85,9 +85,9 @@ class _Stack(nnx.Module):
         x = self.embed(tokens) * math.sqrt(self.config.d_model)  # [B, T, D]
         positions = offset + jnp.arange(T)  # [T]
         if self.config.positional == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, self.config.d_model).astype(x.dtype)
+            x = x + sinusoidal_encoding(positions, self.config.d_model).astype(x.dtype)[None]
         elif self.positions is not None:
-            x = x + self.positions(positions)
+            x = x + self.positions(positions)[None]  # [1, T, D]
         return self.dropout(x, deterministic=deterministic)
 
     def _bias(self, T: int, S: int, offset: int | Array) -> Float[Array, "1 N T S"] | None:
@@ -99,7 +99,7 @@ class _Stack(nnx.Module):
             return self.relative_bias(T, S, offset=offset)
         return None
 
-    def _finish(self, x: Array) -> Array:
+    def _finish(self, x: ArrayLike) -> Array:
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -129,7 +129,7 @@ class TransformerEncoder(_Stack):
         ])
 
     def __call__(
-        self, tokens: Int[Array, "B S"], *, lengths: Int[Array, " B"] | None = None,
+        self, tokens: Int[ArrayLike, "B S"], *, lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "B S D"]:
         """Encode `tokens [B, S]` (valid up to `lengths [B]`) to `[B, S, D]`."""
@@ -181,11 +181,11 @@ class TransformerDecoder(_Stack):
 
     def __call__(
         self,
-        tokens: Int[Array, "B T"],
-        memory: Float[Array, "B S D"] | None = None,
+        tokens: Int[ArrayLike, "B T"],
+        memory: Float[ArrayLike, "B S D"] | None = None,
         *,
-        lengths: Int[Array, " B"] | None = None,
-        memory_lengths: Int[Array, " B"] | None = None,
+        lengths: Int[ArrayLike, " B"] | None = None,
+        memory_lengths: Int[ArrayLike, " B"] | None = None,
         deterministic: bool = True,
         decode: bool = False,
     ) -> Float[Array, "B T D"]:

@@ -39,6 +39,8 @@ __all__ = [
 FORMATS = ("png", "pdf", "svg")
 MASKED_COLOR = "#d0d0d0"
 MAX_LABELS = 40
+# Token labels: a list of strings or a numpy array of them (as exports store them).
+Tokens = Sequence | np.ndarray
 
 
 # ----------------------------------------------------------------------------- saving
@@ -81,7 +83,9 @@ def _label(token: Any, width: int = 12) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _set_ticks(ax, axis: str, tokens: Sequence | None, n: int, max_labels: int = MAX_LABELS):
+def _set_ticks(
+    ax, axis: str, tokens: Tokens | None, n: int, max_labels: int = MAX_LABELS
+):
     """Token labels on one axis, thinned to at most ``max_labels``."""
     step = max(1, math.ceil(n / max_labels))
     pos = np.arange(0, n, step)
@@ -177,8 +181,8 @@ def _cell_figsize(T: int, S: int, extra_w=2.4, extra_h=1.6, cell=0.28, span=9.0)
 
 def plot_heatmap(
     weights,
-    query_tokens: Sequence | None = None,
-    key_tokens: Sequence | None = None,
+    query_tokens: Tokens | None = None,
+    key_tokens: Tokens | None = None,
     *,
     query_length: int | None = None,
     key_length: int | None = None,
@@ -254,7 +258,7 @@ def plot_attention_grid(
     layers: Mapping[str, Any],
     *,
     lengths: Mapping[str, tuple[int | None, int | None]] | None = None,
-    tokens: Mapping[str, tuple[Sequence, Sequence]] | None = None,
+    tokens: Mapping[str, tuple[Tokens, Tokens]] | None = None,
     title: str | None = None,
     cmap: str = "viridis",
     gamma: float = 0.5,
@@ -333,7 +337,7 @@ def plot_attention_grid(
 
 def plot_rollout(
     rollout,
-    tokens: Sequence | None = None,
+    tokens: Tokens | None = None,
     *,
     length: int | None = None,
     query_index: int | None = None,
@@ -463,7 +467,7 @@ def _text_inputs(tokens, weights, length, marked):
 
 
 def plot_text_attention(
-    tokens: Sequence,
+    tokens: Tokens,
     weights,
     *,
     length: int | None = None,
@@ -538,7 +542,7 @@ def plot_text_attention(
 
 
 def text_attention_html(
-    tokens: Sequence, weights, *, length: int | None = None, marked=None, cmap: str = "Reds"
+    tokens: Tokens, weights, *, length: int | None = None, marked=None, cmap: str = "Reds"
 ) -> str:
     """The same as :func:`plot_text_attention` as an HTML fragment of coloured ``<span>``s."""
     toks, w, m = _text_inputs(tokens, weights, length, marked)

@@ -57,14 +57,18 @@ def test_matches_an_independent_computation():
     x = normal(0, (2, 5, 16))
 
     def by_hand(layer, x):
-        q = jnp.einsum("btf,fnh->btnh", x, layer.query.kernel[...]) + layer.query.bias[...]
-        k = jnp.einsum("bsf,fkh->bskh", x, layer.key.kernel[...]) + layer.key.bias[...]
-        v = jnp.einsum("bsf,fkh->bskh", x, layer.value.kernel[...]) + layer.value.bias[...]
+        q = jnp.einsum("btf,fnh->btnh", x, layer.query.kernel[...]) + layer.query.bias[None, None]
+        k = jnp.einsum("bsf,fkh->bskh", x, layer.key.kernel[...]) + layer.key.bias[None, None]
+        v = jnp.einsum("bsf,fkh->bskh", x, layer.value.kernel[...]) + layer.value.bias[None, None]
         k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)  # G = N / K = 2
         causal = np.tril(np.ones((5, 5), bool))
-        logits = jnp.where(causal, jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0, -jnp.inf)  # H=4
+        logits = jnp.where(
+            causal[None, None], jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0, -jnp.inf
+        )  # H=4
         heads = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
-        return jnp.einsum("btnh,nhf->btf", heads, layer.out.kernel[...]) + layer.out.bias[...]
+        return (
+            jnp.einsum("btnh,nhf->btf", heads, layer.out.kernel[...]) + layer.out.bias[None, None]
+        )
 
     actual = nnx.jit(lambda lay, x: lay(x, is_causal=True))(layer, x)
     assert_close(actual, nnx.jit(by_hand)(layer, x))
@@ -115,8 +119,9 @@ def test_head_interventions_reach_the_layers_inside_a_model():
     x = normal(0, (2, 5, 16))
     mask, scale = np.array([1, 0, 1, 1], bool), np.array([1.0, 1.0, 0.5, 2.0], np.float32)
     direct = nnx.jit(lambda m: m(x, head_mask=mask, head_scale=scale))(block)
-    with fnn.head_interventions(block, masks={"self_attention": mask},
-                                scales={"self_attention": scale}):
+    with fnn.head_interventions(
+        block, masks={"self_attention": mask}, scales={"self_attention": scale}
+    ):
         inside = nnx.jit(lambda m: m(x))(block)
     assert_close(inside, direct)
     assert block.self_attention.intervention is None
@@ -130,8 +135,9 @@ def test_head_interventions_reach_the_layers_inside_a_model():
 
 
 def test_dropout_is_deterministic_for_the_same_rngs():
-    call = nnx.jit(lambda layer, deterministic: layer(x, deterministic=deterministic),
-                   static_argnums=1)
+    call = nnx.jit(
+        lambda layer, deterministic: layer(x, deterministic=deterministic), static_argnums=1
+    )
     x = normal(0, (2, 5, 16))
 
     def run(seed, deterministic=False):
@@ -143,6 +149,7 @@ def test_dropout_is_deterministic_for_the_same_rngs():
     assert_close(run(1, deterministic=True), run(2, deterministic=True), atol=0, rtol=0)
 
 
+@pytest.mark.usefixtures("unchecked")
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -161,6 +168,7 @@ def test_configuration_errors(make, match):
         make()
 
 
+@pytest.mark.usefixtures("unchecked")
 @pytest.mark.parametrize(
     "call, match",
     [

@@ -109,6 +109,7 @@ def test_cache_overflow_raises_and_never_wraps():
         jax.block_until_ready(step(layer, x[:, :2]))
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_model_errors():
     model = _lm(positional="learned")
     with pytest.raises(ValueError, match="decode=True needs a KV cache: call init_cache"):

@@ -167,6 +167,7 @@ def test_config_errors(overrides, match):
         tiny_config(**overrides)
 
 
+@pytest.mark.usefixtures("unchecked")
 def test_model_argument_errors():
     with pytest.raises(ValueError, match="cell must be one of"):
         fnn.RNNAttentionClassifier(VOCAB, 8, 12, 3, cell="rnn", rngs=rngs())

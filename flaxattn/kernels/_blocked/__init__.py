@@ -47,7 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Bool, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from flaxattn.kernels._blocked._backward import backward
 from flaxattn.kernels._blocked._forward import forward
@@ -79,19 +79,19 @@ __all__ = [
 
 
 def blocked_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K H"],
+    value: Float[ArrayLike, "B S K Hv"],
     *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
+    bias: Float[ArrayLike, "#B #N #T #S"] | None = None,
+    mask: Bool[ArrayLike, "#B #N #T #S"] | None = None,
     visibility: Visibility | None = None,
     limits: Limits | None = None,
     scale: float | Array = 1.0,
     score_mod: ScoreMod | None = None,
     mask_mod: MaskMod | None = None,
     block_sizes: tuple[int, int] | None = None,
-) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
+) -> tuple[Float[ArrayLike, "B T N Hv"], Float[ArrayLike, "B N T"]]:
     """Flash-style attention: online softmax over key blocks, O(T) memory, custom VJP.
 
     Inputs are assumed validated (as by `flaxattn.dot_product_attention`).
@@ -129,16 +129,16 @@ def blocked_attention(
 
 
 def blocked_attention_grads(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    out: Float[Array, "B T N Hv"],
-    lse: Float[Array, "B N T"],
-    d_out: Float[Array, "B T N Hv"],
-    d_lse: Float[Array, "B N T"] | None = None,
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K H"],
+    value: Float[ArrayLike, "B S K Hv"],
+    out: Float[ArrayLike, "B T N Hv"],
+    lse: Float[ArrayLike, "B N T"],
+    d_out: Float[ArrayLike, "B T N Hv"],
+    d_lse: Float[ArrayLike, "B N T"] | None = None,
     *,
-    bias: Float[Array, "B N T S"] | None = None,
-    mask: Bool[Array, "B N T S"] | None = None,
+    bias: Float[ArrayLike, "#B #N #T #S"] | None = None,
+    mask: Bool[ArrayLike, "#B #N #T #S"] | None = None,
     visibility: Visibility | None = None,
     limits: Limits | None = None,
     scale: float | Array = 1.0,

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import Array, lax
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels._blocked._setup import Mods, Tiling
 from flaxattn.kernels._blocked._tiles import (
@@ -41,20 +42,20 @@ from flaxattn.kernels._visibility import Limits
 class _Inputs(NamedTuple):
     """What every block of the backward reads (padded, as the forward saw them)."""
 
-    q: Array  # [B, T, N, H]
-    k: Array  # [B, S, K, H]
-    v: Array  # [B, S, K, Hv]
-    bias: Array | None
-    mask: Array | None
+    q: ArrayLike  # [B, T, N, H]
+    k: ArrayLike  # [B, S, K, H]
+    v: ArrayLike  # [B, S, K, Hv]
+    bias: ArrayLike | None
+    mask: ArrayLike | None
     limits: Limits
-    scale: Array
+    scale: ArrayLike
     mods: Mods
-    d_out: Array  # [B, T, N, Hv]
-    lse: Array  # [B, K, G, T] float32, +inf for empty rows (so that exp(s - lse) is 0)
-    delta: Array  # [B, K, G, T] float32: rowsum(dO ⊙ O) - dlse
+    d_out: ArrayLike  # [B, T, N, Hv]
+    lse: ArrayLike  # [B, K, G, T] float32, +inf for empty rows (so that exp(s - lse) is 0)
+    delta: ArrayLike  # [B, K, G, T] float32: rowsum(dO ⊙ O) - dlse
 
 
-def _row_terms(x: Array, b: Array, q_start: Array, t: Tiling) -> Array:
+def _row_terms(x: ArrayLike, b: ArrayLike, q_start: ArrayLike, t: Tiling) -> Array:
     """A `[B, K, G, T]` row term's `[K, 1, G·bq]` slice for query block `q_start`."""
     x = lax.dynamic_slice(x, (b, 0, 0, q_start), (1, t.K, t.G, t.bq))
     return x.reshape(t.K, 1, t.G * t.bq)

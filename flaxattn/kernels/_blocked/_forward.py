@@ -6,6 +6,7 @@ import functools
 
 import jax.numpy as jnp
 from jax import Array, lax
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels._blocked._setup import Mods, Tiling
 from flaxattn.kernels._blocked._tiles import (
@@ -42,7 +43,7 @@ def _step(t: Tiling, qs, k, v, bias, mask, scale, mods: Mods, at: At, carry, mas
 
 
 def forward(
-    t: Tiling, q, k, v, bias, mask, limits: Limits, scale: Array, mods: Mods, plan: BlockPlan
+    t: Tiling, q, k, v, bias, mask, limits: Limits, scale: ArrayLike, mods: Mods, plan: BlockPlan
 ) -> tuple[Array, Array]:
     """`(out [B, T, N, Hv], lse [B, N, T] float32)` of the padded operands.
 

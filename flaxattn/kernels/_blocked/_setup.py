@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels._plan import BlockPlan, plan_blocks
 from flaxattn.kernels._visibility import Limits, Visibility
@@ -123,18 +124,18 @@ class Prepared(NamedTuple):
     """One call's tiling, its padded operands and its block plans (what both passes share)."""
 
     tiling: Tiling
-    q: Array
-    k: Array
-    v: Array
-    bias: Array | None
-    mask: Array | None
+    q: ArrayLike
+    k: ArrayLike
+    v: ArrayLike
+    bias: ArrayLike | None
+    mask: ArrayLike | None
     limits: Limits
-    scale: Array
+    scale: ArrayLike
     mods: Mods
     plans: Plans
 
 
-def pad_axis(x: Array, axis: int, size: int) -> Array:
+def pad_axis(x: ArrayLike, axis: int, size: int) -> Array:
     if x.shape[axis] in (1, size):
         return x
     pad = [(0, 0)] * x.ndim
@@ -148,7 +149,7 @@ def _product_dtype(dtype: Any) -> Any:
     return dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
 
 
-def _scale_at(dtype: Any, scale: float | Array, bias: Array | None, score_mod) -> str:
+def _scale_at(dtype: Any, scale: float | Array, bias: ArrayLike | None, score_mod) -> str:
     """Where the logit scale is applied.
 
     - "query": float32 products; the query block is scaled once per block (an `[M, H]`

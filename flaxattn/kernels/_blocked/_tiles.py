@@ -10,55 +10,56 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels._blocked._setup import Mods, Tiling
 from flaxattn.kernels._visibility import Limits
 
 
-def example_limits(limits: Limits, b: Array) -> Limits:
+def example_limits(limits: Limits, b: ArrayLike) -> Limits:
     return Limits(limits.q_len[b], limits.kv_len[b], limits.offset[b])
 
 
-def rows(x: Array, b: Array, start: Array, size: int) -> Array:
+def rows(x: ArrayLike, b: ArrayLike, start: ArrayLike, size: int) -> Array:
     """`x[b, start:start + size]` of a `[B, L, ...]` array, without copying the example."""
     starts = (b, start) + (0,) * (x.ndim - 2)
     return lax.dynamic_slice(x, starts, (1, size) + x.shape[2:])[0]
 
 
-def add_rows(x: Array, block: Array, b: Array, start: Array) -> Array:
+def add_rows(x: ArrayLike, block: ArrayLike, b: ArrayLike, start: ArrayLike) -> Array:
     """`x[b, start:start + len(block)] += block`, in place."""
     starts = (b, start) + (0,) * (x.ndim - 2)
     current = lax.dynamic_slice(x, starts, (1,) + block.shape)
     return lax.dynamic_update_slice(x, current + block[None], starts)
 
 
-def heads_major(x: Array, K: int, dtype: Any) -> Array:
+def heads_major(x: ArrayLike, K: int, dtype: Any) -> Array:
     """`[L, N, H]` -> `[K, G·L, H]` (the rows of one kv head's G query heads) in `dtype`."""
     L, N, H = x.shape
     x = x.astype(dtype).reshape(L, K, N // K, H).transpose(1, 2, 0, 3)  # [K, G, L, H]
     return x.reshape(K, N // K * L, H)
 
 
-def query_block(t: Tiling, x: Array, scale: Array) -> Array:
+def query_block(t: Tiling, x: ArrayLike, scale: ArrayLike) -> Array:
     """`[bq, N, H]` -> the `[K, G·bq, H]` query operand of the products, scaled if
     `t.scale_at == "query"`."""
     qs = heads_major(x, t.K, t.dtype)
     return qs * scale if t.scale_at == "query" else qs
 
 
-def softmax_scores(t: Tiling, s: Array, scale: Array) -> Array:
+def softmax_scores(t: Tiling, s: ArrayLike, scale: ArrayLike) -> Array:
     """The scores the softmax exponentiates: `logits`' tile, scaled if
     `t.scale_at == "softmax"` (which left it unscaled)."""
     return s * scale if t.scale_at == "softmax" else s
 
 
-def rows_major(x: Array, L: int) -> Array:
+def rows_major(x: ArrayLike, L: int) -> Array:
     """`[K, G·L, H]` -> `[L, N, H]`, the inverse of `heads_major`."""
     K, M, H = x.shape
     return x.reshape(K, M // L, L, H).transpose(2, 0, 1, 3).reshape(L, M // L * K, H)
 
 
-def broadcast_block(x: Array, t: Tiling, b, q_start, kv_start) -> Array:
+def broadcast_block(x: ArrayLike, t: Tiling, b, q_start, kv_start) -> Array:
     """The `[K|1, G|1, bq|1, bk|1]` block of a `[B|1, N|1, T|1, S|1]` bias or mask."""
     nb, nn, nt, ns = x.shape
     starts = (b if nb > 1 else 0, 0, q_start if nt > 1 else 0, kv_start if ns > 1 else 0)
@@ -73,9 +74,9 @@ def broadcast_block(x: Array, t: Tiling, b, q_start, kv_start) -> Array:
 class At:
     """Where a block sits: example `b`, first query `q_start`, first key `kv_start`."""
 
-    b: Array
-    q_start: Array
-    kv_start: Array
+    b: ArrayLike
+    q_start: ArrayLike
+    kv_start: ArrayLike
     limits: Limits
 
 
@@ -97,13 +98,14 @@ def logits(t: Tiling, qs, kb, scale, bias, mods: Mods, mask, at: At, masked: boo
         q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
         kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         orient = lambda block: block.transpose(0, 3, 1, 2)  # [K|1, G|1, bq|1, bk|1] -> tile
-        spread = lambda visible: visible[:, None, :]  # [bk, bq] -> [bk, 1, bq]
+        spread = lambda visible: visible[None, :, None, :]  # [bk, bq] -> [1, bk, 1, bq]
     else:
         s = jnp.einsum("kmh,ksh->kms", qs, kb, preferred_element_type=jnp.float32)
         tile = (K, G, bq, bk)
         q_idx = at.q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         kv_idx = at.kv_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        orient = spread = lambda x: x
+        orient = lambda x: x
+        spread = lambda visible: visible[None, None]  # [bq, bk] -> [1, 1, bq, bk]
     if t.scale_at == "scores":
         s = s * scale
     flat = s.shape
@@ -128,7 +130,7 @@ def logits(t: Tiling, qs, kb, scale, bias, mods: Mods, mask, at: At, masked: boo
     return s.reshape(flat), visible, mod_vjp
 
 
-def masked_or_not(t: Tiling, step: Callable, full: Array, carry: Any):
+def masked_or_not(t: Tiling, step: Callable, full: ArrayLike, carry: Any):
     """Run `step(carry, masked)` with the mask only where the block needs it: never when no
     mask can hide anything, always when a dense mask or a `mask_mod` applies, and otherwise
     where the block plan says the block is not `full`."""
@@ -138,7 +140,7 @@ def masked_or_not(t: Tiling, step: Callable, full: Array, carry: Any):
     return lax.cond(full, branches[1], branches[0], carry)
 
 
-def bias_block_grad(t: Tiling, ds_t: Array, bias_shape: tuple[int, ...]) -> Array:
+def bias_block_grad(t: Tiling, ds_t: ArrayLike, bias_shape: tuple[int, ...]) -> Array:
     """A block's `dsᵀ [K, bk, G·bq]` as its `[N|1, bq|1, bk|1]` share of the gradient of a
     `[B|1, N|1, T|1, S|1]` bias: summed over the axes along which the bias broadcasts."""
     _, nn, nt, ns = bias_shape
@@ -148,7 +150,7 @@ def bias_block_grad(t: Tiling, ds_t: Array, bias_shape: tuple[int, ...]) -> Arra
     return ds.sum(axis=axes, keepdims=True) if axes else ds
 
 
-def add_bias_block(dbias: Array, block: Array, at: At) -> Array:
+def add_bias_block(dbias: ArrayLike, block: ArrayLike, at: At) -> Array:
     """`dbias[b, :, q_start:, kv_start:] += block` (offsets only along the axes dbias has)."""
     nb, _, nt, ns = dbias.shape
     starts = (at.b if nb > 1 else 0, 0, at.q_start if nt > 1 else 0, at.kv_start if ns > 1 else 0)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels._call import Call, Result
 from flaxattn.kernels._pallas._config import Blocks, KernelConfig
@@ -77,7 +77,7 @@ def _choose_blocks(
     return Blocks(*(_fit(b, T, S, minimum) for b in (blocks.fwd, blocks.dq, blocks.dkv)))
 
 
-def _pad_axis(x: Array, axis: int, size: int) -> Array:
+def _pad_axis(x: ArrayLike, axis: int, size: int) -> Array:
     if x.shape[axis] == size:
         return x
     pad = [(0, 0)] * x.ndim
@@ -148,9 +148,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def pallas_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K H"],
+    value: Float[ArrayLike, "B S K Hv"],
     *,
     visibility: Visibility | None = None,
     scale: float | None = None,
@@ -159,7 +159,7 @@ def pallas_attention(
     block_sizes: tuple[int, int] | None = None,
     interpret: bool | Any | None = None,
     backend: str | None = None,
-) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
+) -> tuple[Float[ArrayLike, "B T N Hv"], Float[ArrayLike, "B N T"]]:
     """Flash attention as Pallas kernels (forward, dq, dk/dv), differentiable by custom VJP.
 
     Args:

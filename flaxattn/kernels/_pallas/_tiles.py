@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels._single_head import MaskMod, ScoreMod
 from flaxattn.kernels._visibility import Limits, Visibility
@@ -52,14 +53,14 @@ class TileMath:
     precision: lax.Precision | None = None
 
 
-def dot(a: Array, b: Array, *, trans_b: bool = False, precision=None) -> Array:
+def dot(a: ArrayLike, b: ArrayLike, *, trans_b: bool = False, precision=None) -> Array:
     """`a @ b` (or `a @ bᵀ`) of 2-D tiles with a float32 accumulator."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def tile_indices(
-    shape: tuple[int, int], q_axis: int, q_start: Array, k_start: Array
+    shape: tuple[int, int], q_axis: int, q_start: ArrayLike, k_start: ArrayLike
 ) -> tuple[Array, Array]:
     """Absolute query and key indices of a tile, each of the full 2-D `shape` (int32)."""
     q_idx = lax.broadcasted_iota(jnp.int32, shape, q_axis) + q_start
@@ -67,7 +68,7 @@ def tile_indices(
     return q_idx, k_idx
 
 
-def visible(math_: TileMath, q_idx: Array, k_idx: Array, limits: Limits) -> Array:
+def visible(math_: TileMath, q_idx: ArrayLike, k_idx: ArrayLike, limits: Limits) -> Array:
     """Boolean visibility of a tile: lengths, causal, window, then `mask_mod`."""
     ok = math_.visibility.visible(q_idx, k_idx, limits)
     if math_.mask_mod is not None:
@@ -75,14 +76,16 @@ def visible(math_: TileMath, q_idx: Array, k_idx: Array, limits: Limits) -> Arra
     return ok
 
 
-def logits2(math_: TileMath, qk: Array, q_idx: Array, k_idx: Array) -> Array:
+def logits2(math_: TileMath, qk: ArrayLike, q_idx: ArrayLike, k_idx: ArrayLike) -> Array:
     """Base-2 logits `score_mod(scale · qk) · log2 e` of a tile of raw dot products."""
     if math_.score_mod is None:
         return qk * (math_.scale * LOG2E)
     return math_.score_mod(qk * math_.scale, q_idx, k_idx).astype(jnp.float32) * LOG2E
 
 
-def _through_score_mod(math_: TileMath, ds: Array, qk: Array, q_idx: Array, k_idx: Array):
+def _through_score_mod(
+    math_: TileMath, ds: ArrayLike, qk: ArrayLike, q_idx: ArrayLike, k_idx: ArrayLike
+):
     """Map `dL/d(modded score)` to `dL/d(scale · qk)` (the identity without `score_mod`)."""
     if math_.score_mod is None:
         return ds
@@ -116,7 +119,7 @@ def forward_step(
     return acc, m_new, row_sum
 
 
-def forward_finish(acc: Array, m: Array, row_sum: Array) -> tuple[Array, Array]:
+def forward_finish(acc: ArrayLike, m: ArrayLike, row_sum: ArrayLike) -> tuple[Array, Array]:
     """`(output [bq, Hv] f32, lse [bq, 1] natural log)`; an empty row gives 0 and -inf."""
     has = row_sum > 0.0
     safe_sum = jnp.where(has, row_sum, 1.0)

@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import Array
 from jax.sharding import AbstractMesh, Mesh
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels import _validate as V
 from flaxattn.kernels._call import Call, Result, finish, prepare
@@ -21,7 +21,7 @@ from flaxattn.kernels._ring._loops import batch_axes, ring_core
 from flaxattn.kernels._ring._pair import RingConfig
 
 
-def _mesh_axis(mesh: Mesh, name: str, setting: str) -> int:
+def _mesh_axis(mesh: Mesh | AbstractMesh, name: str, setting: str) -> int:
     if name not in mesh.axis_names:
         raise ValueError(
             f"{setting}={name!r} is not an axis of the mesh; its axes are "
@@ -42,7 +42,7 @@ class RingOptions:
       sequence_in_layout: the inputs are already in `layout` order.
     """
 
-    mesh: Mesh
+    mesh: Mesh | AbstractMesh
     axis_name: str
     layout: Layout = "contiguous"
     batch_axis: str | tuple[str, ...] | None = None
@@ -165,13 +165,13 @@ RING = register(
 
 
 def ring_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Array | None = None,
-    mask: Array | None = None,
+    query: Float[ArrayLike, "B T N H"],
+    key: Float[ArrayLike, "B S K H"],
+    value: Float[ArrayLike, "B S K Hv"],
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis_name: str,
     layout: Layout = "contiguous",
     batch_axis: str | tuple[str, ...] | None = None,
@@ -290,7 +290,7 @@ class RingAttentionFn:
 
 
 def ring_attention_fn(
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis_name: str = "seq",
     *,
     layout: Layout = "contiguous",

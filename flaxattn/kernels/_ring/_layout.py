@@ -3,18 +3,17 @@ between the natural order and a layout on the mesh (without gathering it)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxtyping import ArrayLike
 
 from flaxattn.kernels import _validate as V
 
-Layout = Literal["contiguous", "zigzag", "striped"]
+Layout = str  # one of "contiguous", "zigzag", "striped"
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 def ring_permutation(length: int, num_shards: int, layout: Layout = "contiguous") -> np.ndarray:
@@ -50,18 +49,18 @@ def ring_permutation(length: int, num_shards: int, layout: Layout = "contiguous"
     return chunks[order].reshape(-1)
 
 
-def to_ring_layout(x: Array, num_shards: int, layout: Layout, axis: int = 1) -> Array:
+def to_ring_layout(x: ArrayLike, num_shards: int, layout: Layout, axis: int = 1) -> Array:
     """Reorder the sequence axis of `x` (default 1, as in `[B, T, N, H]`) into `layout`."""
     return jnp.take(x, ring_permutation(x.shape[axis], num_shards, layout), axis=axis)
 
 
-def from_ring_layout(x: Array, num_shards: int, layout: Layout, axis: int = 1) -> Array:
+def from_ring_layout(x: ArrayLike, num_shards: int, layout: Layout, axis: int = 1) -> Array:
     """Inverse of `to_ring_layout`: back to the natural order of the sequence."""
     perm = ring_permutation(x.shape[axis], num_shards, layout)
     return jnp.take(x, np.argsort(perm), axis=axis)
 
 
-def _relayout_shard(x: Array, axis_name: str, nP: int, layout: str, inverse: bool) -> Array:
+def _relayout_shard(x: ArrayLike, axis_name: str, nP: int, layout: str, inverse: bool) -> Array:
     """Inside shard_map: one shard of the natural order <-> one shard of `layout`, axis 0.
 
     Zig-zag moves each half-shard with a `ppermute` (shard `r` of the natural order holds
@@ -98,7 +97,7 @@ def _relayout_shard(x: Array, axis_name: str, nP: int, layout: str, inverse: boo
     return jnp.concatenate([even, odd], axis=0)
 
 
-def shard_map(body, mesh: Mesh, in_specs, out_specs, *args):
+def shard_map(body, mesh: Mesh | AbstractMesh, in_specs, out_specs, *args):
     """`jax.shard_map(body)(*args)`; on a mesh with Explicit axes (the default of
     `jax.make_mesh`) the inputs are first resharded to `in_specs`, which shard_map then
     requires, where on Auto axes it reshards by itself."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from flaxattn.kernels._plan import EMPTY, classify
@@ -270,7 +270,7 @@ def _specs(cfg: RingConfig, bias, mask):
     return seq, dense(bias), dense(mask), limits, lse
 
 
-def ring_core(cfg: RingConfig, mesh: Mesh):
+def ring_core(cfg: RingConfig, mesh: Mesh | AbstractMesh):
     """`(q, k, v, bias, mask, limits) -> (out, lse)` on global arrays, with a ring backward."""
 
     def fwd_map(q, k, v, bias, mask, limits):

@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jaxtyping import Float
+from jaxtyping import ArrayLike, Float
 
 from flaxattn.kernels._blocked import blocked_attention, blocked_attention_grads
 from flaxattn.kernels._single_head import MaskMod
@@ -35,7 +35,7 @@ class RingConfig:
     flash: bool  # pairs by the blocked kernel; False where local limits are not exact
 
 
-def _grouped(x: Array | None, K: int) -> Array | None:
+def _grouped(x: ArrayLike | None, K: int) -> Array | None:
     """`[B|1, N|1, t|1, s|1]` -> `[B|1, K|1, G|1, t|1, s|1]` (query heads grouped by kv head)."""
     if x is None:
         return None
@@ -90,13 +90,15 @@ def block_backward(cfg, q, k, v, bias, mask, q_pos, kv_pos, limits, out, lse, do
     return dq, dk, dv, dbias
 
 
-def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
+def _reduce_to(x: ArrayLike, shape: tuple[int, ...]) -> Array:
     """Sum `x` over the axes where `shape` is 1 (the gradient of a broadcast)."""
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] > 1)
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _local_limits(cfg: RingConfig, q0: Array, k0: Array, t: int, s: int, limits: Limits) -> Limits:
+def _local_limits(
+    cfg: RingConfig, q0: ArrayLike, k0: ArrayLike, t: int, s: int, limits: Limits
+) -> Limits:
     """The global `limits` ([B]) of queries `q0 + σ·i` (`i < t`) against keys `k0 + σ·j`
     (`j < s`), `σ = cfg.stride`, as limits on the local indices `i, j`.
 
@@ -113,7 +115,7 @@ def _local_limits(cfg: RingConfig, q0: Array, k0: Array, t: int, s: int, limits:
     )
 
 
-def _local_mask_mod(cfg: RingConfig, q0: Array, k0: Array) -> MaskMod | None:
+def _local_mask_mod(cfg: RingConfig, q0: ArrayLike, k0: ArrayLike) -> MaskMod | None:
     """The global-position `mask_mod` on the blocked kernel's local indices."""
     if cfg.mask_mod is None:
         return None
@@ -121,7 +123,7 @@ def _local_mask_mod(cfg: RingConfig, q0: Array, k0: Array) -> MaskMod | None:
     return lambda qi, ki: mod(q0 + st * qi, k0 + st * ki)
 
 
-def _as_heads(x: Array) -> Array:
+def _as_heads(x: ArrayLike) -> Array:
     """`[B, t, K, G, *]` -> `[B, t, N, *]` (rows) or `[B, K, G, t]` -> `[B, N, t]` (lse)."""
     if x.ndim == 4:
         return x.reshape(x.shape[0], -1, x.shape[3])
@@ -129,7 +131,7 @@ def _as_heads(x: Array) -> Array:
 
 
 def _pair_options(
-    cfg: RingConfig, bias, mask, q_pos: Array, kv_pos: Array, t: int, s: int, limits: Limits
+    cfg: RingConfig, bias, mask, q_pos: ArrayLike, kv_pos: ArrayLike, t: int, s: int, limits: Limits
 ) -> dict[str, Any]:
     """The blocked kernel's keywords for one pair, forward and backward alike: its bias and
     mask block, and the structured masks placed at the chunks' global positions."""
@@ -145,15 +147,15 @@ def _pair_options(
 
 def flash_forward(
     cfg: RingConfig,
-    q: Float[Array, "B t K G H"],
-    k: Float[Array, "B s K H"],
-    v: Float[Array, "B s K Hv"],
-    bias: Array | None,
-    mask: Array | None,
-    q_pos: Array,
-    kv_pos: Array,
+    q: Float[ArrayLike, "B t K G H"],
+    k: Float[ArrayLike, "B s K H"],
+    v: Float[ArrayLike, "B s K Hv"],
+    bias: ArrayLike | None,
+    mask: ArrayLike | None,
+    q_pos: ArrayLike,
+    kv_pos: ArrayLike,
     limits: Limits,
-) -> tuple[Float[Array, "B t K G Hv"], Float[Array, "B K G t"]]:
+) -> tuple[Float[ArrayLike, "B t K G Hv"], Float[ArrayLike, "B K G t"]]:
     """`block_forward` by the blocked kernel: O(t) temporaries instead of `[B, N, t, s]`.
 
     `q_pos [t]`, `kv_pos [s]` are the chunks' global positions (`start + stride·i`), `limits`
@@ -171,18 +173,18 @@ def flash_forward(
 
 def flash_backward(
     cfg: RingConfig,
-    q: Float[Array, "B t K G H"],
-    k: Float[Array, "B s K H"],
-    v: Float[Array, "B s K Hv"],
-    bias: Array | None,
-    mask: Array | None,
-    q_pos: Array,
-    kv_pos: Array,
+    q: Float[ArrayLike, "B t K G H"],
+    k: Float[ArrayLike, "B s K H"],
+    v: Float[ArrayLike, "B s K Hv"],
+    bias: ArrayLike | None,
+    mask: ArrayLike | None,
+    q_pos: ArrayLike,
+    kv_pos: ArrayLike,
     limits: Limits,
-    out: Float[Array, "B t K G Hv"],
-    lse: Float[Array, "B K G t"],
-    dout: Float[Array, "B t K G Hv"],
-    dlse: Float[Array, "B K G t"],
+    out: Float[ArrayLike, "B t K G Hv"],
+    lse: Float[ArrayLike, "B K G t"],
+    dout: Float[ArrayLike, "B t K G Hv"],
+    dlse: Float[ArrayLike, "B K G t"],
 ) -> tuple[Array, Array, Array, Array | None]:
     """`block_backward` by the blocked kernel's backward, O(t) temporaries: this pair's share
     `(dq [B, t, K, G, H], dk [B, s, K, H], dv [B, s, K, Hv], dbias|None)`, all float32, from
