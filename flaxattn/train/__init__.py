@@ -6,6 +6,7 @@
 ``experiments/train.py`` is the command-line front end.
 """
 
+from flaxattn._deprecated import module_getattr
 from flaxattn.train._checkpoint import Checkpointer
 from flaxattn.train._config import (
     CONFIGS,
@@ -68,3 +69,5 @@ __all__ = [
     "truncate_metrics",
     "validate_config",
 ]
+
+__getattr__ = module_getattr(__name__, {"make_mesh": ("flaxattn.train._mesh", "training_mesh")})

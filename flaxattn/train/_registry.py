@@ -7,7 +7,7 @@ from flaxattn.train._config import TrainConfig
 
 def make_task(config: TrainConfig):
     """The :class:`~flaxattn.train._task.Task` for ``config.task``."""
-    from flaxattn.train import _charlm, _classify, _pooling, _seq2seq
+    from flaxattn.train import _charlm, _classify, _nadaraya_watson, _seq2seq
 
     tasks = {
         "copy": _seq2seq.SequenceTask,
@@ -16,7 +16,7 @@ def make_task(config: TrainConfig):
         "dates": _seq2seq.DatesTask,
         "sentiment": _classify.SentimentTask,
         "charlm": _charlm.CharLMTask,
-        "nadaraya_watson": _pooling.NadarayaWatsonTask,
+        "nadaraya_watson": _nadaraya_watson.NadarayaWatsonTask,
     }
     if config.task not in tasks:
         raise ValueError(f"unknown task {config.task!r}; choose from {', '.join(tasks)}")
