@@ -358,8 +358,10 @@ def test_block_sparse_custom_layout_gradients_and_skipping():
     layout[4, 5] = True
     layout[:, 3] = False  # key block 3 never read
     mask = expand(layout, b, 24, 24)
-    fn = lambda q, k, v: block_sparse_attention(q, k, v, block_size=b, layout=layout)
-    ref_fn = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    fn = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, block_size=b, layout=layout))
+    ref_fn = jax.jit(
+        lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    )
     np.testing.assert_allclose(fn(q, k, v), ref_fn(q, k, v), **ATOL)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
     for a, r in zip(

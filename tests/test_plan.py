@@ -80,8 +80,7 @@ def test_plan_equals_dense_classification(vis):
     _check(vis, q_len, kv_len, 40, 48, 8, 16, masked=True)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+RANDOM_STRUCTURES = dict(
     data=st.data(),
     causal=st.booleans(),
     bottom_right=st.booleans(),
@@ -89,13 +88,25 @@ def test_plan_equals_dense_classification(vis):
     bq=st.sampled_from([1, 3, 8]),
     bk=st.sampled_from([1, 4, 8]),
 )
-def test_plan_on_random_structures(data, causal, bottom_right, window, bq, bk):
+
+
+def _check_random_structure(data, causal, bottom_right, window, bq, bk):
     T, S = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 24))
     q_len = data.draw(st.lists(st.integers(0, T), min_size=2, max_size=2))
     kv_len = data.draw(st.lists(st.integers(0, S), min_size=2, max_size=2))
     vis = Visibility(is_causal=causal, window=window,
                      causal_alignment="bottom_right" if bottom_right else "top_left")
     _check(vis, q_len, kv_len, T, S, bq, bk)
+
+
+# A few random structures in the default run (each example builds plans eagerly, ~1 s);
+# many more in the slow run.
+test_plan_on_random_structures = settings(max_examples=8, deadline=None)(
+    given(**RANDOM_STRUCTURES)(_check_random_structure)
+)
+test_plan_on_many_random_structures = pytest.mark.slow(
+    settings(max_examples=150, deadline=None)(given(**RANDOM_STRUCTURES)(_check_random_structure))
+)
 
 
 def test_a_plan_without_lengths_is_shared_and_lists_past_the_count_repeat_the_last():

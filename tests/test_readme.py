@@ -50,3 +50,10 @@ def test_module_example_runs():
     assert namespace["text"].shape[0] == 2
     assert namespace["y"].shape == (2, 10, 64)
     assert namespace["captured"]
+
+
+def test_the_implementation_table_is_the_registry():
+    """The README's table of implementations is `support_table()`, so it cannot drift."""
+    from flaxattn.kernels._registry import support_table
+
+    assert support_table() in README.read_text()
