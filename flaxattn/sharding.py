@@ -25,7 +25,6 @@ devices' shards (`global_array`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
+from flaxattn._deprecated import warn_deprecated
 from flaxattn.kernels import dot_product_attention, ring_attention_fn
 
 DATA_AXIS = "data"
@@ -224,12 +224,7 @@ def mesh_attention(mesh: Mesh | AbstractMesh, *, layout: str = "zigzag") -> Call
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"flaxattn.sharding.{old} is deprecated and will be removed in flaxattn 0.3; use "
-        f"{new} (see CHANGELOG.md).",
-        DeprecationWarning,
-        stacklevel=3,
-    )
+    warn_deprecated(f"flaxattn.sharding.{old}", new, stacklevel=3)
 
 
 def sequence_parallel_attention(

@@ -6,7 +6,6 @@ decoding), N query heads, K key/value heads (K divides N), H head dim, F feature
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from flax import nnx
 from jax import Array
 from jaxtyping import ArrayLike, Bool, Float, Int
 
+from flaxattn._deprecated import warn_deprecated
 from flaxattn.kernels import combine_masks, dot_product_attention, get_implementation
 from flaxattn.kernels._validate import check_choice
 from flaxattn.nn._cache import KVCache
@@ -271,12 +271,8 @@ def _one_attention(
         )
     for old in ("implementation", "attention_fn"):
         if old in given:
-            warnings.warn(
-                f"MultiHeadAttention({old}=...) is deprecated and will be removed in flaxattn "
-                "0.3; pass attention=... (a name or a function).",
-                DeprecationWarning,
-                stacklevel=4,
-            )
+            warn_deprecated(f"MultiHeadAttention({old}=...)",
+                            "attention=... (a name or a function)", stacklevel=4)
     choice = next(iter(given.values()), None)
     if isinstance(choice, str):
         get_implementation(choice)  # a ValueError listing the names for an unknown one

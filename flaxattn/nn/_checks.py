@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax.numpy as jnp
+
+from flaxattn._deprecated import warn_deprecated
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -29,11 +30,6 @@ def attention_choice(owner: str, attention: Any, attention_fn: Any, default: Any
     if attention_fn is not None:
         if attention is not None:
             raise ValueError(f"{owner}: pass attention or attention_fn, not both.")
-        warnings.warn(
-            f"{owner}(attention_fn=...) is deprecated and will be removed in flaxattn 0.3; "
-            "pass attention=... (a name or a function).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        warn_deprecated(f"{owner}(attention_fn=...)", "attention=... (a name or a function)")
         attention = attention_fn
     return default if attention is None else attention
