@@ -6,8 +6,8 @@
 The package as it was at `--base` is extracted from git into a temporary directory under
 another name (`flaxattn_base`), so both versions live in one process and every call of one
 alternates with the same call of the other (`flaxattn.bench.time_interleaved`): the ratio
-new/base compares calls made under the same load. float32, B=1, N=8, H=64, T = S, through
-`dot_product_attention(implementation=...)`; forward, forward+backward (the VJP of a given
+new/base compares calls made under the same load. float32 (or --dtype), B=1, N=8, H=64, T = S,
+through `dot_product_attention(implementation=...)`; forward, forward+backward (the VJP of a given
 output cotangent) and the causal forward; the median over `--rounds` rounds of the per-round
 ratios, with their [min, max].
 """
@@ -53,10 +53,10 @@ def import_base(rev: str, into: Path):
     return importlib.import_module("flaxattn_base")
 
 
-def calls_for(package, name: str, T: int, implementation: str) -> dict:
+def calls_for(package, name: str, T: int, implementation: str, dtype: str) -> dict:
     """`{label: ready call}`: forward, forward+backward and causal forward at length T."""
     r = np.random.default_rng(0)
-    q, k, v, dout = (jnp.asarray(r.standard_normal((B, T, N, H)), jnp.float32) for _ in range(4))
+    q, k, v, dout = (jnp.asarray(r.standard_normal((B, T, N, H)), dtype) for _ in range(4))
 
     def fwd(causal):
         return lambda q, k, v: package.dot_product_attention(
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the earlier commit (e.g. d3ef742)")
     parser.add_argument("--lengths", default="2048,4096", help="T = S values")
     parser.add_argument("--implementations", default="blocked,reference")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -85,8 +86,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = import_base(args.base, Path(tmp))
         lines = [
-            f"# before_after_cpu.py --base {args.base}: new / base time (median [min, max] of "
-            f"{args.rounds} rounds, {args.repeats} interleaved calls each)",
+            f"# before_after_cpu.py --base {args.base} --dtype {args.dtype}: new / base time "
+            f"(median [min, max] of {args.rounds} rounds, {args.repeats} interleaved calls each)",
             f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
             f"{jax.device_count()} {jax.default_backend()} device(s)",
@@ -95,7 +96,8 @@ def main() -> None:
             for T in map(int, args.lengths.split(",")):
                 ratios: dict[str, list[float]] = {}
                 seconds: dict[str, list[float]] = {}
-                calls = {**calls_for(base, "base", T, impl), **calls_for(flaxattn, "new", T, impl)}
+                calls = {**calls_for(base, "base", T, impl, args.dtype),
+                         **calls_for(flaxattn, "new", T, impl, args.dtype)}  # fmt: skip
                 for _ in range(args.rounds):
                     timings = time_interleaved(calls, repeats=args.repeats)
                     for label, timing in timings.items():

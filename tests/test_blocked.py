@@ -515,3 +515,21 @@ def test_explicit_limits_and_grads_of_key_pieces_sum_to_the_whole():
     valid = (jnp.arange(T)[None, :] < q_len[:, None])[:, :, None, None]
     np.testing.assert_allclose(jnp.where(valid, merged, 0.0), jnp.where(valid, out, 0.0),
                                atol=2e-5)
+
+
+@pytest.mark.parametrize("T", [256, 1024])
+def test_bfloat16_gradients_with_one_and_several_query_blocks(T):
+    """bf16 backward at H=64 with one query block (T=256) and several (T=1024): XLA:CPU once
+    failed at run time ('no bf16 x bf16 = f32 DotThunk') on the single-block layout."""
+    from flaxattn.testing import GRAD_TOLERANCES, reference
+
+    r = np.random.default_rng(0)
+    q, k, v, dout = (r.standard_normal((1, T, 2, 64)).astype(np.float32) for _ in range(4))
+    cast = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, dout)]
+    fn = lambda q, k, v: flaxattn.dot_product_attention(q, k, v, implementation="blocked")
+    grads = jax.jit(lambda q, k, v, d: jax.vjp(fn, q, k, v)[1](d))(*cast)  # as in a train step
+    rounded = [np.asarray(x.astype(jnp.float32)) for x in cast]
+    want = reference(*rounded[:3], d_out=rounded[3]).grads
+    for got, expected in zip(grads, want[:3], strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), expected,
+                                   **GRAD_TOLERANCES["bfloat16"])  # fmt: skip

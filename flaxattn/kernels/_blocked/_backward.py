@@ -84,7 +84,10 @@ def _step(t: Tiling, x: _Inputs, kb, k_t, vb, at: At, carry, masked: bool):
         ds_t = ds_t.reshape(t.K, t.bk, t.G * t.bq)
     ds_p = ds_t.astype(t.dtype)
     dk = dk + jnp.einsum("ksm,kmh->ksh", ds_p, qs, preferred_element_type=jnp.float32)
-    dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_p, preferred_element_type=jnp.float32)
+    if k_t is None:
+        dq_t = jnp.einsum("ksh,ksm->khm", kb, ds_p, preferred_element_type=jnp.float32)
+    else:
+        dq_t = jnp.einsum("khs,ksm->khm", k_t, ds_p, preferred_element_type=jnp.float32)
     dq_block = (dq_t * x.scale).reshape(t.K, t.H, t.G, t.bq).transpose(3, 0, 2, 1)
     dbias_block = None if x.bias is None else bias_block_grad(t, ds_t, x.bias.shape)
     return (dk, dv, dconsts), (dq_block.reshape(t.bq, t.N, t.H), dbias_block)
@@ -98,8 +101,12 @@ def _key_block(t: Tiling, x: _Inputs, plan: BlockPlan, carry, index):
     lim = example_limits(x.limits, b)
     kv_start = j * t.bk
     kb = heads_major(rows(x.k, b, kv_start, t.bk), t.K, t.dtype)  # [K, bk, H]
-    k_t = kb.transpose(0, 2, 1)  # [K, H, bk]
     vb = heads_major(rows(x.v, b, kv_start, t.bk), t.K, t.dtype)  # [K, bk, Hv]
+    # A transposed copy of the key block, made once for all its query blocks, makes the 16-bit
+    # dQ products about 1.3x faster at T=4096. With a single query block XLA:CPU folds the copy
+    # into a dot layout it has no bf16 x bf16 -> f32 kernel for (UNIMPLEMENTED at run time),
+    # so there the product reads kb itself.
+    k_t = kb.transpose(0, 2, 1) if t.nq > 1 else None  # [K, H, bk]
 
     def body(n, carry):
         dk, dv, dq, dbias, dconsts = carry
