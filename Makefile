@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo tour test test-all lint bench
+.PHONY: demo tour test test-all lint bench gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flaxattn experiments tests benchmarks
+
+# On a machine with an NVIDIA GPU (e.g. the device tool's H200): the Pallas tests compiled and
+# the GPU timings, written under $(OUT) (default benchmarks/results/gpu_check); < 8 minutes.
+gpu-check:
+	bash benchmarks/gpu_check.sh
