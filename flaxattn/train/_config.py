@@ -123,6 +123,41 @@ class NadarayaWatsonConfig(TrainConfig):
     export_examples: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class InductionConfig(TransformerFields, TrainConfig):
+    """Induction heads: a 2-layer decoder on random tokens whose segment repeats."""
+
+    task: str = "induction"
+    vocab: int = 128  # random tokens 0..vocab-1 (first-copy loss is about ln vocab)
+    context: int = 64  # model input length T (each sequence has T + 1 tokens)
+    min_segment: int = 8  # shortest repeated segment (distinct tokens)
+    max_segment: int = 24  # longest; filler tokens before the first copy make up the rest
+    attention_only: bool = True  # no feed-forward blocks (the circuit lives in the heads)
+    report: bool = True  # at the end: ablation, patching, attribution, figures (interp.json)
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    positional: str = "rope"
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    eval_every: int = 25  # often, to time the phase change
+    eval_examples: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("vocab", "context", "min_segment", "num_layers"):
+            if getattr(self, name) < (2 if name == "num_layers" else 1):
+                raise ValueError(f"{name} must be >= {2 if name == 'num_layers' else 1} for "
+                                 f"task 'induction', got {getattr(self, name)}")
+        if not self.min_segment <= self.max_segment <= min(self.vocab, self.context // 2):
+            raise ValueError(
+                f"need min_segment <= max_segment <= min(vocab, context // 2) = "
+                f"{min(self.vocab, self.context // 2)}, got min_segment={self.min_segment}, "
+                f"max_segment={self.max_segment}")
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {
     "copy": SequenceConfig,
     "reverse": SequenceConfig,
@@ -131,6 +166,7 @@ CONFIGS: dict[str, type[TrainConfig]] = {
     "sentiment": SentimentConfig,
     "charlm": CharLMConfig,
     "nadaraya_watson": NadarayaWatsonConfig,
+    "induction": InductionConfig,
 }
 TASK_NAMES: tuple[str, ...] = tuple(CONFIGS)
 
