@@ -8,7 +8,7 @@ so there is one compilation, not `L * N`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ def ablate_heads(
     metric: Metric,
     batch: Any,
     *,
-    kind: Literal["zero", "mean"] = "zero",
+    kind: str = "zero",
     reference: Any = None,
     layers: Sequence[str] | str | None = None,
     chunk: int | None = None,

@@ -12,7 +12,7 @@ recovered fraction of 1 is the clean metric, 0 the corrupted one, in both direct
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ def patch_heads(
     source: Any,
     target: Any,
     *,
-    what: Literal["output", "pattern"] = "output",
+    what: str = "output",
     layers: Sequence[str] | str | None = None,
     chunk: int | None = None,
 ) -> np.ndarray:
@@ -115,8 +115,8 @@ def patching_table(
     clean: Any,
     corrupted: Any,
     *,
-    direction: Literal["noise", "denoise"] = "noise",
-    what: Literal["output", "pattern"] = "output",
+    direction: str = "noise",
+    what: str = "output",
     layers: Sequence[str] | str | None = None,
     chunk: int | None = None,
 ) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """Induction heads (Olsson et al. 2022): a 2-layer decoder on random tokens with a repeat.
 
-Each sequence is ``[filler][segment][segment]``: random filler tokens, then a segment of
-distinct random tokens, then the same segment again; the segment length varies per example,
-so no fixed offset finds the earlier copy. On the first copy the next token cannot be
-predicted (loss about ln V); on the repeat it can, but only by induction: find the earlier
-occurrence of the current token and copy the token after it. In a 2-layer attention-only
-model this takes two heads: a layer-0 previous-token head writes "my previous token is A" into
-each position, and a layer-1 induction head whose keys read it attends from a later A to the
-token after the earlier A and copies it.
+Each sequence is ``[filler][segment][segment][filler]``: every token uniform and independent,
+except that the segment is repeated; the segment's length and place vary per example, so no
+fixed offset (from the query or from the end) finds the earlier copy. On the first copy the
+next token cannot be predicted (loss about ln V); on the repeat it can, but only by induction:
+find the earlier occurrence of the current token and copy the token after it. In a 2-layer
+attention-only model this takes two heads: a layer-0 previous-token head writes "my previous
+token is A" into each position, and a layer-1 induction head whose keys read it attends from a
+later A to the token after the earlier A and copies it.
 
 Evaluations record the loss on both copies and every head's induction and previous-token
 scores (``flaxattn.analysis``); the end of the run measures the circuit causally (ablation,
@@ -42,12 +42,13 @@ def induction_batch(
     n: int, rng: np.random.Generator, *, vocab: int, length: int, min_segment: int,
     max_segment: int,
 ) -> Batch:
-    """``n`` sequences ``[filler][segment][segment]`` of ``length + 1`` tokens, as LM examples.
+    """``n`` sequences ``[filler][segment][segment][filler]`` of ``length + 1`` tokens (LM
+    examples).
 
     Args:
       n: examples. rng: the random source. vocab: V, tokens 0..V-1.
       length: T, the model's input length (the sequence has T + 1 tokens).
-      min_segment, max_segment: segment length range (distinct tokens, so <= V).
+      min_segment, max_segment: segment length range.
 
     Returns:
       ``inputs``, ``targets`` ``[n, T]`` int32 (``targets`` = inputs shifted by one);
@@ -57,9 +58,9 @@ def induction_batch(
     """
     seqs = rng.integers(0, vocab, size=(n, length + 1))
     sizes = rng.integers(min_segment, max_segment + 1, size=n)
-    starts = length + 1 - 2 * sizes
+    starts = rng.integers(0, length + 2 - 2 * sizes)  # first copy at [a, a + P), a <= T+1-2P
     for b, (P, a) in enumerate(zip(sizes, starts, strict=True)):
-        segment = rng.permutation(vocab)[:P]
+        segment = rng.integers(0, vocab, size=P)
         seqs[b, a : a + 2 * P] = np.concatenate([segment, segment])
     return _as_batch(seqs, sizes, starts)
 

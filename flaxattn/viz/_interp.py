@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colors
@@ -142,9 +143,9 @@ def plot_patching(
 
 
 def plot_scores_over_steps(
-    steps: Sequence[int],
-    scores: Mapping[str, Sequence[float]],
-    losses: Mapping[str, Sequence[float]],
+    steps: Sequence[int] | np.ndarray,
+    scores: Mapping[str, Any],
+    losses: Mapping[str, Any],
     *,
     mark_step: int | None = None,
     title: str | None = None,
