@@ -225,3 +225,17 @@ def test_logit_attribution_of_a_silenced_head_is_zero_and_post_ln_is_refused():
     # a ValueError, or jaxtyping's TypeError first when annotations are checked
     with pytest.raises((ValueError, TypeError), match="targets"):
         interp.direct_logit_attribution(model, b, b[:, :-1])
+
+
+def test_ablating_heads_together_equals_silencing_them_all():
+    model, b = small_lm(), tokens(13)
+    together = interp.ablate_together(model, next_token_loss, b, {LAYER0: [0], LAYER1: [0, 1]})
+    silenced = small_lm()
+    for path, head in ((LAYER0, 0), (LAYER1, 0), (LAYER1, 1)):
+        silence_head(silenced, path, head)
+    np.testing.assert_allclose(together, next_token_loss(silenced, b), rtol=1e-5)
+    one = interp.ablate_together(model, next_token_loss, b, {LAYER1: [1]}, kind="mean")
+    np.testing.assert_allclose(one, interp.ablate_heads(model, next_token_loss, b,
+                                                        kind="mean")[1, 1], rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        interp.ablate_together(model, next_token_loss, b, {LAYER1: [2]})

@@ -6,7 +6,8 @@ output `[B, T, N, H]` (or recompute it from another attention pattern), with no 
 model code. The results are plain arrays, `[L, N]` per layer (rows in model order, see
 `head_layers`) and head; `flaxattn.viz.plot_head_table` draws them.
 
-- `ablate_heads`: a metric with each head zero- or mean-ablated, one jitted program for all.
+- `ablate_heads`: a metric with each head zero- or mean-ablated, one jitted program for all;
+  `ablate_together`: a group of heads at once.
 - `patch_heads`, `patching_table`, `recovered_fraction`: activation patching of a head's
   output or pattern between a clean and a corrupted run.
 - `direct_logit_attribution`: each head's direct contribution to a logit of a `DecoderLM`.
@@ -16,7 +17,13 @@ Scores of the patterns (previous-token, induction, ...) need only the weights: t
 `flaxattn.analysis` (`pattern_scores`).
 """
 
-from flaxattn.interp._ablation import ABLATIONS, ablate_heads, mean_head_outputs, sweep_heads
+from flaxattn.interp._ablation import (
+    ABLATIONS,
+    ablate_heads,
+    ablate_together,
+    mean_head_outputs,
+    sweep_heads,
+)
 from flaxattn.interp._attribution import attribution_fn, direct_logit_attribution
 from flaxattn.interp._hooks import KernelCall, head_layers, hooked, record_heads
 from flaxattn.interp._patching import (
@@ -33,6 +40,7 @@ __all__ = [
     "PATCH_WHAT",
     "KernelCall",
     "ablate_heads",
+    "ablate_together",
     "attribution_fn",
     "direct_logit_attribution",
     "head_layers",

@@ -7,7 +7,7 @@ so there is one compilation, not `L * N`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -135,3 +135,46 @@ def ablate_heads(
         replacements = mean_head_outputs(model, metric, batch if reference is None else reference,
                                          paths)
     return sweep_heads(model, metric, batch, replacements, chunk=chunk)
+
+
+def ablate_together(
+    model: nnx.Module,
+    metric: Metric,
+    batch: Any,
+    heads: Mapping[str, Sequence[int]],
+    *,
+    kind: str = "zero",
+    reference: Any = None,
+) -> float:
+    """The metric with a group of heads ablated at once (e.g. every induction head).
+
+    Args:
+      model, metric, batch, kind, reference: as in `ablate_heads`.
+      heads: `{layer path: [head, ...]}`, the heads to ablate together.
+
+    Returns:
+      The metric, a float.
+    """
+    if kind not in ABLATIONS:
+        raise ValueError(f"kind must be one of {ABLATIONS}, got {kind!r}.")
+    layers = head_layers(model, list(heads))
+    N = num_heads(layers)
+    bad = {p: list(h) for p, h in heads.items() if any(not 0 <= i < N for i in h)}
+    if bad:
+        raise ValueError(f"heads: {bad} out of range for num_heads={N}.")
+    if kind == "zero":
+        replacements = {p: jnp.zeros((), jnp.float32) for p in heads}
+    else:
+        replacements = mean_head_outputs(model, metric, batch if reference is None else reference,
+                                         list(heads))
+    selectors = {p: jnp.zeros(N, jnp.float32).at[jnp.asarray(list(h), jnp.int32)].set(1.0)
+                 for p, h in heads.items()}
+    rebuild, state = as_function(model)
+
+    @jax.jit
+    def run(state, batch, replacements, selectors):
+        m = rebuild(state)
+        with hooked(m, {p: replace_heads(selectors[p], replacements[p]) for p in heads}):
+            return jnp.asarray(metric(m, batch), jnp.float32)
+
+    return float(run(state, batch, replacements, selectors))

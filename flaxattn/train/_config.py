@@ -128,22 +128,23 @@ class InductionConfig(TransformerFields, TrainConfig):
     """Induction heads: a 2-layer decoder on random tokens whose segment repeats."""
 
     task: str = "induction"
-    vocab: int = 128  # random tokens 0..vocab-1 (first-copy loss is about ln vocab)
-    context: int = 64  # model input length T (each sequence has T + 1 tokens)
-    min_segment: int = 8  # shortest repeated segment (distinct tokens)
-    max_segment: int = 24  # longest; filler tokens before the first copy make up the rest
+    vocab: int = 32  # random tokens 0..vocab-1 (first-copy loss is about ln vocab)
+    context: int = 48  # model input length T (each sequence has T + 1 tokens)
+    min_segment: int = 8  # shortest repeated segment
+    max_segment: int = 16  # longest; random filler tokens before and after make up the rest
     attention_only: bool = True  # no feed-forward blocks (the circuit lives in the heads)
     report: bool = True  # at the end: ablation, patching, attribution, figures (interp.json)
-    d_model: int = 64
+    d_model: int = 128  # head dim 32 >= vocab: one head can copy every token
     num_heads: int = 4
     num_layers: int = 2
     positional: str = "rope"
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
     weight_decay: float = 0.01
-    eval_every: int = 25  # often, to time the phase change
+    eval_every: int = 50  # often, to time the phase change
+    checkpoint_every: int = 1000
     eval_examples: int = 256
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 
 - pattern scores of every head on the held-out set (the top layer>=1 induction head and the
   top layer-0 previous-token head are "the circuit");
-- zero and mean ablation of every head: the repeated-half loss with that head removed;
+- zero and mean ablation of every head: the repeated-half loss with that head removed, and
+  with every layer>=1 head whose induction score exceeds 0.5 removed together;
 - activation patching (noising: the clean run with one head's output, or pattern, from a
   corrupted run) for two corruptions, the first copy shuffled and the repeat shuffled;
 - direct logit attribution of the correct token on the repeat, per head;
@@ -86,6 +87,14 @@ def induction_report(task, run, workdir: Path) -> dict[str, Any]:
         "mean": interp.ablate_heads(model, repeat_loss, b, kind="mean", layers=paths,
                                     reference={k: reference[k] for k in _KEYS}),
     }
+    group = sorted({top} | {(l_, n) for l_ in range(1, L) for n in range(N)
+                            if scores["induction"][l_, n] > 0.5})
+    group_heads: dict[str, list[int]] = {}
+    for l_, n in group:
+        group_heads.setdefault(paths[l_], []).append(n)
+    together = {kind: interp.ablate_together(model, repeat_loss, b, group_heads, kind=kind,
+                                             reference={k: reference[k] for k in _KEYS})
+                for kind in ("zero", "mean")}
     others = [(l_, n) for l_ in range(L) for n in range(N) if (l_, n) != top]
     random_head = others[int(data.make_rng(c.seed, "random head").integers(len(others)))]
     non_circuit = [h for h in others if h != prev]
@@ -104,6 +113,9 @@ def induction_report(task, run, workdir: Path) -> dict[str, Any]:
             "random_head": float(table[random_head]),
             "random_head_change": change(table, random_head) / clean,
             "random_head_change_of_first": change(table, random_head) / first,
+            "random_head_change_of_gap": change(table, random_head) / (first - clean),
+            "induction_heads_together": together[kind],
+            "induction_heads_together_over_first": together[kind] / first,
             "non_circuit_median_change": float(np.median(rel)) if rel else None,
             "non_circuit_max_change": float(np.max(rel)) if rel else None,
         }
@@ -139,6 +151,7 @@ def induction_report(task, run, workdir: Path) -> dict[str, Any]:
         "previous_token_head": _head(*prev),
         "previous_token_score": float(scores["previous_token"][prev]),
         "random_other_head": _head(*random_head),
+        "induction_heads": [_head(*h) for h in group],
         "ablation": abl,
         "patching": patching,
         "logit_attribution": {k: v.tolist() for k, v in dla.items()},
@@ -155,6 +168,10 @@ def induction_report(task, run, workdir: Path) -> dict[str, Any]:
     headline.update(
         zero_ablation_top=abl["zero"]["top_induction"],
         mean_ablation_top=abl["mean"]["top_induction"],
+        zero_ablation_induction_heads=abl["zero"]["induction_heads_together"],
+        mean_ablation_induction_heads=abl["mean"]["induction_heads_together"],
+        zero_ablation_random=abl["zero"]["random_head"],
+        mean_ablation_random=abl["mean"]["random_head"],
         zero_ablation_random_change=abl["zero"]["random_head_change"],
         mean_ablation_random_change=abl["mean"]["random_head_change"],
         patch_first_shuffled_previous=patching["first_shuffled/output"]["previous_token_head"],
