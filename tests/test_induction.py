@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from flaxattn import data
-from flaxattn.train import InductionConfig, default_config, train_and_evaluate
+from flaxattn.train import (
+    InductionConfig,
+    Runner,
+    default_config,
+    make_task,
+    train_and_evaluate,
+    training_mesh,
+)
 from flaxattn.train._induction import corrupt_batch, induction_batch
+from flaxattn.train._loop import init_state
 
 # tiny runs; positional "none" and no export keep them to the code main checks strictly
 TINY = dict(steps=3, batch_size=4, eval_examples=4, eval_every=2, log_every=1,
@@ -97,12 +105,16 @@ def test_induction_task_runs_end_to_end_with_its_report(tmp_path):
 
 
 def test_reverse_task_reports_which_heads_matter(tmp_path):
+    # the end-of-run step alone, on a freshly initialised model (no training needed)
     config = dataclasses.replace(
         default_config("reverse"), **{**TINY, "max_len": 5, "d_model": 8, "d_ff": 8})
-    results = train_and_evaluate(config, tmp_path, progress=False)
+    task = make_task(config)
+    graphdef, state, rest, *_ = init_state(task, config, training_mesh(1))
+    results = task.finish(Runner(graphdef, state["params"], rest), tmp_path)
     ablation = results["ablation"]
     assert ablation["layers"] == ["encoder/layers/0/self_attention",
                                   "decoder/layers/0/self_attention",
                                   "decoder/layers/0/cross_attention"]
     assert np.shape(ablation["zero"]) == np.shape(ablation["mean"]) == (3, 2)
+    assert np.all(np.isfinite(ablation["zero"])) and np.isfinite(ablation["loss"])
     assert (tmp_path / "figures" / "ablation.png").stat().st_size > 1000

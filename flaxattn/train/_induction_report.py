@@ -213,10 +213,12 @@ def draw_induction_figures(report: dict[str, Any], out: Path) -> list[Path]:
                      "repeated-half loss kept (1 = clean, 0 = corrupted)", path=path)
     written.append(path)
     path = out / "interp_logit_attribution.png"
+    span = max(float(np.nanmax(np.abs(report["logit_attribution"][k]))) for k in
+               ("repeat", "first"))
     viz.plot_head_tables(
         {"on the repeat": report["logit_attribution"]["repeat"],
          "on the first copy": report["logit_attribution"]["first"]}, names, cmap="RdBu_r",
-        center=0.0, label="direct logit of the next token",
+        center=0.0, vmin=-span, vmax=span, label="direct logit of the next token",
         title="direct logit attribution of the correct next token (final norm frozen)",
         path=path)
     written.append(path)

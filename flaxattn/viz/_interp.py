@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
 from flaxattn.viz._plots import _annotate, _draw_matrix, _finish, _two_lines, _wrap
@@ -35,7 +35,7 @@ def _draw_table(fig, ax, a, names, *, cmap, center, vmin, vmax, fmt, label):
     im = _draw_matrix(ax, np.where(valid, a, 0.0), valid, cmap=cmap, norm=norm)
     L, N = a.shape
     if L * N <= 128:
-        _annotate(ax, a, valid, _Darkness(norm, center), fmt=fmt, size=8 if L * N <= 32 else 6)
+        _annotate(ax, a, valid, _Darkness(norm, cmap), fmt=fmt, size=8 if L * N <= 32 else 6)
     ax.set_xticks(np.arange(N), [str(i) for i in range(N)], fontsize=8)
     ax.set_yticks(np.arange(L), [_two_lines(n) for n in names], fontsize=7)
     ax.set_xlabel("head")
@@ -43,16 +43,15 @@ def _draw_table(fig, ax, a, names, *, cmap, center, vmin, vmax, fmt, label):
 
 
 class _Darkness:
-    """Where the annotation text must be white: a dark cell (both ends of a diverging map)."""
+    """The luminance of a value's colour, so that `_annotate` writes white on dark cells
+    (below 0.6) whatever the colour map's direction."""
 
-    def __init__(self, norm, center):
-        self.norm, self.center = norm, center
+    def __init__(self, norm, cmap: str):
+        self.norm, self.cmap = norm, colormaps[cmap]
 
     def __call__(self, v):
-        x = float(self.norm(v))
-        if self.center is None:
-            return x
-        return 1.0 - 2.0 * abs(x - 0.5) + 0.2  # < 0.6 (white text) far from the centre
+        r, g, b, _ = self.cmap(float(self.norm(v)))
+        return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def plot_head_table(
