@@ -82,18 +82,30 @@ def test_config_validates_its_fields(changes, message):
         dataclasses.replace(default_config("induction"), **changes)
 
 
-def test_induction_task_runs_end_to_end_with_its_report(tmp_path):
-    config = dataclasses.replace(default_config("induction"), **TINY, vocab=16, context=16,
-                                 min_segment=2, max_segment=6)
+def tiny_config(**changes):
+    return dataclasses.replace(default_config("induction"), **TINY, vocab=16, context=16,
+                               min_segment=2, max_segment=6, **changes)
+
+
+def test_induction_task_runs_end_to_end_and_records_every_heads_scores(tmp_path):
+    config = tiny_config(report=False)
     assert isinstance(config, InductionConfig)
     results = train_and_evaluate(config, tmp_path, progress=False)
-    report = results["induction_report"]
-    assert np.isfinite(report["first_loss"]) and np.isfinite(report["repeat_loss"])
+    assert np.isfinite(results["first_loss"]) and np.isfinite(results["repeat_loss"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3]
     for r in evals:  # every head's scores, [L][N]
         assert np.shape(r["induction"]) == np.shape(r["previous_token"]) == (2, 2)
+        assert np.isfinite(r["first_loss"]) and np.isfinite(r["repeat_loss"])
+    assert not (tmp_path / "interp.json").exists()
+
+
+@pytest.mark.slow  # ~20 s: compiles every ablation, patching and attribution program
+def test_induction_task_runs_end_to_end_with_its_report(tmp_path):
+    results = train_and_evaluate(tiny_config(), tmp_path, progress=False)
+    report = results["induction_report"]
+    assert np.isfinite(report["first_loss"]) and np.isfinite(report["repeat_loss"])
     saved = json.loads((tmp_path / "interp.json").read_text())
     assert np.shape(saved["ablation"]["zero"]["table"]) == (2, 2)
     assert set(saved["patching"]) == {"first_shuffled/output", "first_shuffled/pattern",

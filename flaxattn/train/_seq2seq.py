@@ -306,7 +306,7 @@ def head_ablation(task: Seq2SeqTask, run: Runner, workdir) -> dict[str, Any]:
         viz.plot_head_tables(
             {f"{k} ablation": v for k, v in tables.items()}, names, cmap="magma_r", vmin=0.0,
             label="held-out loss (nats)",
-            title=f"{task.config.task}: held-out loss with one head ablated (none: {clean:.3f})",
+            title=f"{task.config.task}: held-out loss with one head ablated (none: {clean:.2g})",
             path=workdir / "figures" / "ablation.png")
     return {"ablation": {"layers": layers, "loss": clean,
                          **{k: v.tolist() for k, v in tables.items()}}}
