@@ -10,7 +10,9 @@
 Tasks: copy, reverse, sort (encoder-decoder Transformer); dates (model=rnn: Bahdanau seq2seq,
 model=transformer); sentiment (model=rnn: attention RNN, model=transformer); charlm
 (decoder-only Transformer on --text, default: Python standard-library sources);
-nadaraya_watson (attention pooling, learn_bandwidth=true|false).
+nadaraya_watson (attention pooling, learn_bandwidth=true|false); induction (a 2-layer
+attention-only decoder on repeated random segments; interp.json and figures/interp_*.png report
+its induction circuit by ablation, patching and logit attribution).
 
 Everything goes under --workdir: metrics.jsonl, checkpoints/, attention.npz, figures/*.png,
 figures/view.html (the interactive explorer of attention.npz: open it in a browser),

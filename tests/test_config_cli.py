@@ -26,6 +26,7 @@ POSITIVE = {
     "batch_size", "log_every", "keep_checkpoints", "eval_examples",
     "d_model", "num_heads", "num_kv_heads", "num_layers", "d_ff", "num_symbols", "min_len",
     "max_len", "embed_dim", "hidden_dim", "n_train", "n_test", "learning_rate", "temperature",
+    "vocab", "context", "min_segment", "max_segment",
 }  # fmt: skip
 # Bad values of the string fields (no generic bad string exists: any text is a str).
 BAD_STRINGS = {
@@ -44,6 +45,8 @@ INCONSISTENT = [
     ("reverse", ["positional=rope", "d_model=12", "num_heads=4"], "rope"),
     ("reverse", ["dropout_rate=1.0"], "dropout_rate"),
     ("charlm", ["context=1"], "context"),
+    ("induction", ["min_segment=10", "max_segment=9"], "max_segment"),
+    ("induction", ["num_layers=1"], "num_layers"),
 ]
 
 
@@ -78,6 +81,8 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def train_cli():
+    if str(ROOT / "experiments") not in sys.path:  # as `python experiments/train.py` has it
+        sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location("train_cli", ROOT / "experiments" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,7 +99,7 @@ def latin1(tmp_path) -> str:
 @pytest.mark.parametrize("task, pairs, needle", list(_cases()))
 def test_every_field_rejects_bad_values(train_cli, capsys, tmp_path, latin1, task, pairs,
                                         needle):  # fmt: skip
-    from _cli import run_cli  # experiments/ is on sys.path once train.py is loaded
+    from _cli import run_cli  # experiments/ is on sys.path (the fixture)
 
     pairs = [p.replace("{latin1}", latin1) for p in pairs]
     argv = ["--task", task, "--workdir", str(tmp_path / "w"), "--show-config", "--set", *pairs]

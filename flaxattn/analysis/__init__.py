@@ -12,9 +12,22 @@ their valid keys: the weights on valid keys are renormalised to sum to 1 (a no-o
 computed with the same mask) and rows whose valid mass is 0 are left out. Per-head results are
 means over the valid rows of all examples (``per_example=True`` keeps the batch axis).
 
+Pattern scores (:mod:`flaxattn.analysis._patterns`): previous-token, induction, diagonal,
+anti-diagonal, sink and positional scores per head, and ``pattern_scores`` for ``[L, N]`` tables.
+
 This module imports numpy only (JAX arrays are converted with ``np.asarray``).
 """
 
+from flaxattn.analysis._patterns import (
+    PATTERN_SCORES,
+    anti_diagonal_score,
+    diagonal_score,
+    induction_score,
+    induction_target,
+    pattern_scores,
+    positional_score,
+    previous_token_score,
+)
 from flaxattn.analysis._stats import (
     MarkedMass,
     alignment_accuracy,
@@ -33,13 +46,21 @@ from flaxattn.analysis._stats import (
 
 __all__ = [
     "MarkedMass",
+    "PATTERN_SCORES",
     "alignment_accuracy",
+    "anti_diagonal_score",
     "anti_diagonal_target",
     "attention_rollout",
+    "diagonal_score",
     "head_entropy",
+    "induction_score",
+    "induction_target",
     "layer_head_stats",
     "marked_token_mass",
     "mean_attention_distance",
+    "pattern_scores",
+    "positional_score",
+    "previous_token_score",
     "row_distributions",
     "sink_mass",
     "topk_compress",

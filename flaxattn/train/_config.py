@@ -118,7 +118,7 @@ class TransformerFields:
     d_ff: int = 128  # feed-forward hidden width
     dropout_rate: float = 0.0  # dropout in attention and feed-forward blocks
     pre_ln: bool = True  # pre-layer-norm blocks
-    positional: str = "sinusoidal"  # positional encoding: sinusoidal, learned or rope
+    positional: str = "sinusoidal"  # sinusoidal, learned, rope, alibi, t5 or none
     implementation: str | None = None  # attention kernel (None: flaxattn's rule)
 
     def check(self) -> None:
@@ -133,7 +133,9 @@ class TransformerFields:
                              f"num_kv_heads={self.num_kv_heads}")  # fmt: skip
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        one_of(self, "positional", ("sinusoidal", "learned", "rope"))
+        from flaxattn.nn._config import POSITIONAL
+
+        one_of(self, "positional", POSITIONAL)
         if self.positional == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"positional='rope' needs an even head size, got d_model/num_heads="
                              f"{self.d_model // self.num_heads}")  # fmt: skip
@@ -251,6 +253,42 @@ class NadarayaWatsonConfig(TrainConfig):
         at_least(self, 0, "noise")
 
 
+@dataclasses.dataclass(frozen=True)
+class InductionConfig(TransformerFields, TrainConfig):
+    """Induction heads: a 2-layer decoder on random tokens whose segment repeats."""
+
+    task: str = "induction"
+    vocab: int = 32  # random tokens 0..vocab-1 (first-copy loss is about ln vocab)
+    context: int = 48  # model input length T (each sequence has T + 1 tokens)
+    min_segment: int = 8  # shortest repeated segment
+    max_segment: int = 16  # longest; random filler tokens before and after make up the rest
+    attention_only: bool = True  # no feed-forward blocks (the circuit lives in the heads)
+    report: bool = True  # at the end: ablation, patching, attribution, figures (interp.json)
+    d_model: int = 128  # head dim 32 >= vocab: one head can copy every token
+    num_heads: int = 4
+    num_layers: int = 2
+    positional: str = "rope"
+    steps: int = 4000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    eval_every: int = 50  # often, to time the phase change
+    checkpoint_every: int = 1000
+    eval_examples: int = 256
+
+    def check(self) -> None:
+        super().check()
+        at_least(self, 1, "vocab", "context", "min_segment")
+        at_least(self, 2, "num_layers")  # the circuit needs two layers
+        if not self.min_segment <= self.max_segment <= min(self.vocab, self.context // 2):
+            raise ValueError(
+                f"need min_segment <= max_segment <= min(vocab, context // 2) = "
+                f"{min(self.vocab, self.context // 2)}, got min_segment={self.min_segment}, "
+                f"max_segment={self.max_segment}"
+            )
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {
     "copy": SequenceConfig,
     "reverse": SequenceConfig,
@@ -259,6 +297,7 @@ CONFIGS: dict[str, type[TrainConfig]] = {
     "sentiment": SentimentConfig,
     "charlm": CharLMConfig,
     "nadaraya_watson": NadarayaWatsonConfig,
+    "induction": InductionConfig,
 }
 TASK_NAMES: tuple[str, ...] = tuple(CONFIGS)
 

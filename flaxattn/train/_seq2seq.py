@@ -274,6 +274,43 @@ class SequenceTask(Seq2SeqTask):
         )
         return EncoderDecoderTransformer(cfg, attention=self.attention_fn, rngs=rngs)
 
+    def finish(self, run: Runner, workdir) -> dict[str, Any]:
+        """Which heads the task needs: the held-out loss with each head zero- and mean-ablated
+        (an ``[L, N]`` table over every attention layer), in ``figures/ablation.png``."""
+        return head_ablation(self, run, workdir)
+
+
+def _teacher_forced_loss(model, b):
+    return masked_cross_entropy(
+        _transformer_logits(model, b, deterministic=True), b["tgt_out"],
+        length_mask(b["tgt_lengths"], b["tgt_out"].shape[1]),
+    )[0]
+
+
+def head_ablation(task: Seq2SeqTask, run: Runner, workdir) -> dict[str, Any]:
+    """Zero and mean ablation of every head of an encoder-decoder Transformer: the held-out
+    teacher-forced loss with that head removed (``flaxattn.interp.ablate_heads``)."""
+    from flaxattn import interp
+
+    model = run.model()
+    b = {k: task.eval_set[k] for k in ("src", "tgt_in", "tgt_out", "src_lengths",
+                                         "tgt_lengths")}
+    layers = list(interp.head_layers(model))
+    clean = float(run(_teacher_forced_loss, b))
+    tables = {kind: interp.ablate_heads(model, _teacher_forced_loss, b, kind=kind)
+              for kind in interp.ABLATIONS}
+    if task.config.figures:
+        from flaxattn import viz
+
+        names = [p.replace("/layers/", " ").replace("_attention", "") for p in layers]
+        viz.plot_head_tables(
+            {f"{k} ablation": v for k, v in tables.items()}, names, cmap="magma_r", vmin=0.0,
+            label="held-out loss (nats)",
+            title=f"{task.config.task}: held-out loss with one head ablated (none: {clean:.2g})",
+            path=workdir / "figures" / "ablation.png")
+    return {"ablation": {"layers": layers, "loss": clean,
+                         **{k: v.tolist() for k, v in tables.items()}}}
+
 
 class DatesTask(Seq2SeqTask):
     """Human-written dates -> ISO, with the Bahdanau RNN or the Transformer."""

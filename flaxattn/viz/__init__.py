@@ -1,5 +1,6 @@
 """Matplotlib figures of attention: heatmaps, layer x head grids, rollout, per-head statistics,
-text coloured by attention, and training curves; and the interactive explorer, one offline
+text coloured by attention, training curves, ``[L, N]`` head tables of :mod:`flaxattn.interp`
+(ablation, patching) and scores over training steps; and the interactive explorer, one offline
 HTML page per export (:func:`explorer_html`, :func:`save_explorer`, :func:`explore`).
 
 Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` and, given ``path``, also
@@ -19,6 +20,12 @@ from flaxattn.viz._explorer import (
     explore,
     explorer_html,
     save_explorer,
+)
+from flaxattn.viz._interp import (
+    plot_head_table,
+    plot_head_tables,
+    plot_patching,
+    plot_scores_over_steps,
 )
 from flaxattn.viz._plots import (
     FORMATS,
@@ -49,8 +56,12 @@ __all__ = [
     "plot_attention_grid",
     "plot_export",
     "plot_head_stats",
+    "plot_head_table",
+    "plot_head_tables",
     "plot_heatmap",
+    "plot_patching",
     "plot_rollout",
+    "plot_scores_over_steps",
     "plot_text_attention",
     "plot_training_curves",
     "read_metrics",
