@@ -11,7 +11,14 @@ import numpy as np
 from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
-from flaxattn.viz._plots import _annotate, _draw_matrix, _finish, _two_lines, _wrap
+from flaxattn.viz._plots import (
+    _annotate,
+    _draw_matrix,
+    _finish,
+    _two_lines,
+    _wrap,
+    layer_table_shape,
+)
 
 
 def _table(values, name: str) -> np.ndarray:
@@ -102,12 +109,7 @@ def plot_head_tables(
     if not tables:
         raise ValueError("plot_head_tables needs at least one table")
     arrays = {k: _table(v, f"tables[{k!r}]") for k, v in tables.items()}
-    L, N = next(iter(arrays.values())).shape
-    if any(a.shape != (L, N) for a in arrays.values()):
-        raise ValueError(f"every table must be [L, N]; got {[a.shape for a in arrays.values()]}")
-    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(L)]
-    if len(names) != L:
-        raise ValueError(f"{len(names)} layer names for {L} layers")
+    names, L, N = layer_table_shape(arrays, layer_names)
     K = len(arrays)
     panel_w, panel_h = 1.6 + 0.6 * N, 1.0 + 0.5 * L
     fig = Figure(figsize=(min(1.2 + K * panel_w, 20), min(max(panel_h + 1.0, 2.8), 14)),

@@ -393,6 +393,24 @@ _STAT_TITLES = {
 }
 
 
+def layer_table_shape(
+    arrays: Mapping[str, np.ndarray], layer_names: Sequence[str] | None
+) -> tuple[list[str], int, int]:
+    """`(row labels, L, N)` of several `[L, N]` tables that must agree; `ValueError` if not.
+
+    Args:
+      arrays: `{name: [L, N]}`, at least one.
+      layer_names: the L row labels, or None for `layer 0`, `layer 1`, ...
+    """
+    L, N = next(iter(arrays.values())).shape
+    if any(a.shape != (L, N) for a in arrays.values()):
+        raise ValueError(f"every table must be [L, N]; got {[a.shape for a in arrays.values()]}")
+    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(L)]
+    if len(names) != L:
+        raise ValueError(f"{len(names)} layer names for {L} layers")
+    return names, L, N
+
+
 def plot_head_stats(
     stats: Mapping[str, Any],
     layer_names: Sequence[str] | None = None,
@@ -409,12 +427,7 @@ def plot_head_stats(
     if not stats:
         raise ValueError("plot_head_stats needs at least one statistic")
     arrays = {k: np.atleast_2d(np.asarray(v, dtype=np.float64)) for k, v in stats.items()}
-    L, N = next(iter(arrays.values())).shape
-    if any(a.shape != (L, N) for a in arrays.values()):
-        raise ValueError(f"all statistics must be [L, N]; got {[a.shape for a in arrays.values()]}")
-    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(L)]
-    if len(names) != L:
-        raise ValueError(f"{len(names)} layer names for {L} layers")
+    names, L, N = layer_table_shape(arrays, layer_names)
     K = len(arrays)
     panel_w, panel_h = 0.9 + 0.5 * N, 0.8 + 0.42 * L
     fig = Figure(
