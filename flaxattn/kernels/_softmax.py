@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 from jaxtyping import ArrayLike, Bool, Float
 
 
 def masked_softmax(
-    logits: Float[ArrayLike, "*rows S"], mask: Bool[ArrayLike, "*rows S"] | None = None
-) -> tuple[Float[ArrayLike, "*rows S"], Float[ArrayLike, "*rows"]]:
+    logits: Float[ArrayLike, "*rows S"], mask: Bool[ArrayLike, "*#rows #S"] | None = None
+) -> tuple[Float[Array, "*rows S"], Float[Array, "*rows"]]:
     """Softmax over the last axis, restricted to `mask`, in float32.
 
     Masked logits are replaced by the dtype's minimum *before* the exponent, so neither the

@@ -31,7 +31,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _default_blocks(backend: str, interpret: bool, H: int) -> Blocks:
+def _default_blocks(backend: str, interpret: bool | Any, H: int) -> Blocks:
     if backend == "tpu":
         return Blocks(fwd=(256, 512), dq=(256, 256), dkv=(256, 256))
     if interpret:
@@ -50,7 +50,7 @@ def _fit(block: tuple[int, int], T: int, S: int, minimum: int) -> tuple[int, int
 
 
 def _choose_blocks(
-    block_sizes, backend: str, interpret: bool, T: int, S: int, H: int
+    block_sizes, backend: str, interpret: bool | Any, T: int, S: int, H: int
 ) -> Blocks:
     if block_sizes is not None:  # a pair of positive ints (checked by `prepare`)
         if not interpret and backend == "triton" and not all(
