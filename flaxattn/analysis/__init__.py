@@ -15,6 +15,14 @@ means over the valid rows of all examples (``per_example=True`` keeps the batch 
 This module imports numpy only (JAX arrays are converted with ``np.asarray``).
 """
 
+from flaxattn.analysis._pointing import (
+    box_iou,
+    patch_map,
+    pointing_chance,
+    pointing_game,
+    rollout_maps,
+    upsample_map,
+)
 from flaxattn.analysis._stats import (
     MarkedMass,
     alignment_accuracy,
@@ -32,6 +40,12 @@ from flaxattn.analysis._stats import (
 )
 
 __all__ = [
+    "upsample_map",
+    "rollout_maps",
+    "pointing_game",
+    "pointing_chance",
+    "patch_map",
+    "box_iou",
     "MarkedMass",
     "alignment_accuracy",
     "anti_diagonal_target",
