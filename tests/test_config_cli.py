@@ -26,6 +26,8 @@ POSITIVE = {
     "batch_size", "log_every", "keep_checkpoints", "eval_examples",
     "d_model", "num_heads", "num_kv_heads", "num_layers", "d_ff", "num_symbols", "min_len",
     "max_len", "embed_dim", "hidden_dim", "n_train", "n_test", "learning_rate", "temperature",
+    "patch", "cnn_width", "cnn_stages", "reduction", "cbam_kernel", "canvas", "clutter_size",
+    "digit_scale",
 }  # fmt: skip
 # Bad values of the string fields (no generic bad string exists: any text is a str).
 BAD_STRINGS = {
@@ -33,6 +35,7 @@ BAD_STRINGS = {
     "implementation": ["fastest"],
     "model": ["lstm"],
     "cell": ["rnn"],
+    "pool": ["max"],
     "mesh": ["data=0", "seq=2", "data=2,data=2"],
     "text": ["/bin/ls", "/nonexistent/corpus.txt", "{latin1}"],
 }

@@ -59,9 +59,9 @@ def test_pointing_game_on_hand_made_maps():
     maps = np.zeros((3, 8, 8))
     maps[0, 2, 3] = 1.0  # inside the box
     maps[1, 7, 7] = 1.0  # outside
-    maps[2] = 0.5  # flat: a maximum lies inside
+    maps[2] = 0.5  # flat: the first pixel, (0, 0), is outside the box
     boxes = np.array([[1, 1, 4, 5]] * 3)
-    np.testing.assert_array_equal(analysis.pointing_game(maps, boxes), [True, False, True])
+    np.testing.assert_array_equal(analysis.pointing_game(maps, boxes), [True, False, False])
     np.testing.assert_allclose(analysis.pointing_chance(boxes, (8, 8)), 12 / 64)
 
 

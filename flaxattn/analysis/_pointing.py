@@ -37,17 +37,13 @@ def upsample_map(maps, size: tuple[int, int]) -> np.ndarray:
 def pointing_game(maps, boxes) -> np.ndarray:
     """``[B]`` bool: the map's maximum lies inside the box (Zhang et al., 2016).
 
-    Ties count as a hit when any maximal pixel is inside the box, as in the original protocol's
-    tolerance for flat maxima; a constant map is a hit whenever the box is non-empty.
+    The maximum is the first maximal pixel in row-major order, so a flat map scores no better
+    than the single pixel ``(0, 0)`` (ties never count as hits by themselves).
     """
     maps, boxes = _check(maps, boxes)
     B, H, W = maps.shape
-    rows, cols = np.arange(H)[None, :], np.arange(W)[None, :]
-    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 2:3])  # [B, H]
-    in_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 3:4])  # [B, W]
-    inside = in_rows[:, :, None] & in_cols[:, None, :]
-    peak = maps >= maps.reshape(B, -1).max(-1)[:, None, None]
-    return (peak & inside).reshape(B, -1).any(-1)
+    y, x = np.divmod(maps.reshape(B, -1).argmax(-1), W)
+    return (y >= boxes[:, 0]) & (y < boxes[:, 2]) & (x >= boxes[:, 1]) & (x < boxes[:, 3])
 
 
 def pointing_chance(boxes, size: tuple[int, int]) -> np.ndarray:

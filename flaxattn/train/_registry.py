@@ -7,7 +7,7 @@ from flaxattn.train._config import TrainConfig
 
 def make_task(config: TrainConfig):
     """The :class:`~flaxattn.train._task.Task` for ``config.task``."""
-    from flaxattn.train import _charlm, _classify, _nadaraya_watson, _seq2seq
+    from flaxattn.train import _charlm, _classify, _nadaraya_watson, _seq2seq, _vision
 
     tasks = {
         "copy": _seq2seq.SequenceTask,
@@ -17,6 +17,8 @@ def make_task(config: TrainConfig):
         "sentiment": _classify.SentimentTask,
         "charlm": _charlm.CharLMTask,
         "nadaraya_watson": _nadaraya_watson.NadarayaWatsonTask,
+        "digits": _vision.ImageTask,
+        "cluttered": _vision.ImageTask,
     }
     if config.task not in tasks:
         raise ValueError(f"unknown task {config.task!r}; choose from {', '.join(tasks)}")
