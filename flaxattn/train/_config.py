@@ -271,10 +271,11 @@ class DigitsConfig(TrainConfig):
     reduction: int = 4  # cnn: SE / CBAM MLP reduction
     cbam_kernel: int = 7  # cnn_cbam: odd side of the spatial attention's convolution
     shift: int = 1  # training augmentation: random shifts of up to this many pixels
-    steps: int = 1500
+    steps: int = 3000
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    eval_every: int = 500
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
     eval_examples: int = 360  # the whole test split of the digits (359 images)
     export_examples: int = 16
 
