@@ -319,9 +319,9 @@ class ClutteredConfig(DigitsConfig):
 
     task: str = "cluttered"
     canvas: int = 32  # image side in pixels
-    num_clutter: int = 6  # fragments of other digits per image (outside the digit's box)
+    num_clutter: int = 4  # fragments of other digits per image (outside the digit's box)
     clutter_size: int = 4  # fragment side in pixels (a crop of a digit, before digit_scale)
-    digit_scale: int = 1  # the digit and fragments are enlarged this many times
+    digit_scale: int = 2  # the digit and fragments are enlarged this many times
     patch: int = 4
     shift: int = 0
     steps: int = 2000
