@@ -323,6 +323,7 @@ class ClutteredConfig(DigitsConfig):
     clutter_size: int = 4  # fragment side in pixels (a crop of a digit, before digit_scale)
     digit_scale: int = 2  # the digit and fragments are enlarged this many times
     patch: int = 4
+    cnn_width: int = 16  # a 32x32 canvas costs 16x the pixels of a digit
     shift: int = 0
     steps: int = 2000
     eval_examples: int = 512
