@@ -27,6 +27,8 @@ POSITIVE = {
     "d_model", "num_heads", "num_kv_heads", "num_layers", "d_ff", "num_symbols", "min_len",
     "max_len", "embed_dim", "hidden_dim", "n_train", "n_test", "learning_rate", "temperature",
     "vocab", "context", "min_segment", "max_segment",
+    "patch", "cnn_width", "cnn_stages", "reduction", "cbam_kernel", "canvas", "clutter_size",
+    "digit_scale",
 }  # fmt: skip
 # Bad values of the string fields (no generic bad string exists: any text is a str).
 BAD_STRINGS = {
@@ -34,6 +36,7 @@ BAD_STRINGS = {
     "implementation": ["fastest"],
     "model": ["lstm"],
     "cell": ["rnn"],
+    "pool": ["max"],
     "mesh": ["data=0", "seq=2", "data=2,data=2"],
     "text": ["/bin/ls", "/nonexistent/corpus.txt", "{latin1}"],
 }

@@ -28,6 +28,14 @@ from flaxattn.analysis._patterns import (
     positional_score,
     previous_token_score,
 )
+from flaxattn.analysis._pointing import (
+    box_iou,
+    patch_map,
+    pointing_chance,
+    pointing_game,
+    rollout_maps,
+    upsample_map,
+)
 from flaxattn.analysis._stats import (
     MarkedMass,
     alignment_accuracy,
@@ -45,6 +53,12 @@ from flaxattn.analysis._stats import (
 )
 
 __all__ = [
+    "upsample_map",
+    "rollout_maps",
+    "pointing_game",
+    "pointing_chance",
+    "patch_map",
+    "box_iou",
     "MarkedMass",
     "PATTERN_SCORES",
     "alignment_accuracy",

@@ -19,6 +19,12 @@ from flaxattn.data._dates import (
     date_vocab,
     format_date,
 )
+from flaxattn.data._images import (
+    cluttered_batch,
+    digits_batch,
+    digits_split,
+    digits_test_set,
+)
 from flaxattn.data._regression import leave_one_out, nadaraya_watson_data, regression_target
 from flaxattn.data._sentiment import (
     MARK_NEGATION,
@@ -55,6 +61,10 @@ from flaxattn.data._vocab import (
 )
 
 __all__ = [
+    "digits_test_set",
+    "digits_split",
+    "digits_batch",
+    "cluttered_batch",
     "DAY",
     "FIELD_NAMES",
     "MARK_NEGATION",

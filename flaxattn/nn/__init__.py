@@ -10,6 +10,8 @@ Modules hold parameters; every attention computation is a call to a kernel
 - Blocks and models: `TransformerEncoderLayer`, `TransformerDecoderLayer`, the stacks
   `TransformerEncoder`/`TransformerDecoder`, `EncoderDecoderTransformer`, `DecoderLM`,
   `TransformerClassifier`, `RNNAttentionClassifier`, `BahdanauSeq2Seq`, `NadarayaWatson`.
+- Images: `VisionTransformer` (`PatchEmbedding`, 2-D positions), `SqueezeExcitation`, `CBAM`,
+  `CNNClassifier`; `capture_image_attention` returns their channel / spatial weights.
 - Analysis: `capture_attention` returns every attention layer's weights `[B, N, T, S]`;
   `head_interventions` ablates or scales chosen heads of a model.
 - Interop with flax: `flax_attention_fn`, `from_flax_nnx`.
@@ -41,8 +43,32 @@ from flaxattn.nn._positional import (
 from flaxattn.nn._rnn import BahdanauSeq2Seq, RNNAttentionClassifier
 from flaxattn.nn._scored_attention import AdditiveAttention, MultiplicativeAttention
 from flaxattn.nn._stacks import TransformerDecoder, TransformerEncoder
+from flaxattn.nn._vision import (
+    CBAM,
+    ChannelWeights,
+    CNNClassifier,
+    PatchEmbedding,
+    RelativeBias2D,
+    SpatialMap,
+    SqueezeExcitation,
+    VisionTransformer,
+    capture_image_attention,
+    image_attention_blocks,
+    sinusoidal_2d,
+)
 
 __all__ = [
+    "sinusoidal_2d",
+    "image_attention_blocks",
+    "capture_image_attention",
+    "VisionTransformer",
+    "SqueezeExcitation",
+    "SpatialMap",
+    "RelativeBias2D",
+    "PatchEmbedding",
+    "CNNClassifier",
+    "ChannelWeights",
+    "CBAM",
     "AdditiveAttention",
     "AttentionWeights",
     "BahdanauSeq2Seq",

@@ -289,6 +289,98 @@ class InductionConfig(TransformerFields, TrainConfig):
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class DigitsConfig(TrainConfig):
+    """Image classification of scikit-learn's 8x8 digits: a ViT or a CNN with SE / CBAM."""
+
+    task: str = "digits"
+    model: str = "vit"  # vit (VisionTransformer), cnn_se or cnn_cbam (CNNClassifier)
+    d_model: int = 64  # vit: model width
+    num_heads: int = 4  # vit: heads
+    num_layers: int = 2  # vit: encoder layers
+    d_ff: int = 128  # vit: feed-forward hidden width
+    dropout_rate: float = 0.0  # vit: dropout in attention and feed-forward blocks
+    patch: int = 2  # vit: patch side in pixels (the image side must be a multiple)
+    positional: str = "sinusoidal"  # vit: 2-D sinusoidal, learned, or relative (2-D bias)
+    pool: str = "cls"  # vit: classify from the class token (cls) or the patches' mean
+    implementation: str | None = None  # vit: attention kernel (None: flaxattn's rule)
+    cnn_width: int = 32  # cnn: channels of the first stage (doubled at each next stage)
+    cnn_stages: int = 2  # cnn: stages (2x2 average pooling between them)
+    reduction: int = 4  # cnn: SE / CBAM MLP reduction
+    cbam_kernel: int = 7  # cnn_cbam: odd side of the spatial attention's convolution
+    shift: int = 1  # training augmentation: random shifts of up to this many pixels
+    steps: int = 3000
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    eval_examples: int = 360  # the whole test split of the digits (359 images)
+    export_examples: int = 16
+
+    def image_side(self) -> int:
+        return 8
+
+    def check(self) -> None:
+        super().check()
+        one_of(self, "model", ("vit", "cnn_se", "cnn_cbam"))
+        one_of(self, "positional", ("sinusoidal", "learned", "relative"))
+        one_of(self, "pool", ("cls", "mean"))
+        at_least(self, 1, "d_model", "num_heads", "num_layers", "d_ff", "patch", "cnn_width",
+                 "cnn_stages", "reduction", "cbam_kernel")  # fmt: skip
+        at_least(self, 0, "shift")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.positional == "sinusoidal" and self.d_model % 4:
+            raise ValueError(f"positional='sinusoidal' (2-D) needs d_model divisible by 4, got "
+                             f"d_model={self.d_model}")  # fmt: skip
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.cbam_kernel % 2 == 0:
+            raise ValueError(f"cbam_kernel must be odd, got {self.cbam_kernel}")
+        side = self.image_side()
+        if side % self.patch:
+            raise ValueError(f"patch={self.patch} must divide the image side {side}")
+        if side % (2 ** (self.cnn_stages - 1)):
+            raise ValueError(f"cnn_stages={self.cnn_stages} halves the image side {side} "
+                             f"too often")  # fmt: skip
+        if self.implementation is not None:
+            from flaxattn.kernels import get_implementation
+
+            get_implementation(self.implementation)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClutteredConfig(DigitsConfig):
+    """Find and classify a digit on a cluttered canvas; attention scored by the pointing game."""
+
+    task: str = "cluttered"
+    canvas: int = 32  # image side in pixels
+    num_clutter: int = 4  # fragments of other digits per image (outside the digit's box)
+    clutter_size: int = 4  # fragment side in pixels (a crop of a digit, before digit_scale)
+    digit_scale: int = 2  # the digit and fragments are enlarged this many times
+    patch: int = 4
+    cnn_width: int = 16  # a 32x32 canvas costs 16x the pixels of a digit
+    shift: int = 0
+    steps: int = 2000
+    eval_examples: int = 512
+
+    def image_side(self) -> int:
+        return self.canvas
+
+    def check(self) -> None:
+        at_least(self, 1, "canvas", "clutter_size", "digit_scale")
+        at_least(self, 0, "num_clutter")
+        super().check()
+        if self.canvas < 8 * self.digit_scale:
+            raise ValueError(f"canvas must be >= 8 * digit_scale = {8 * self.digit_scale}, got "
+                             f"{self.canvas}")  # fmt: skip
+        if self.clutter_size > 8:
+            raise ValueError(f"clutter_size must be <= 8 (a digit's side), got "
+                             f"{self.clutter_size}")  # fmt: skip
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {
     "copy": SequenceConfig,
     "reverse": SequenceConfig,
@@ -298,6 +390,8 @@ CONFIGS: dict[str, type[TrainConfig]] = {
     "charlm": CharLMConfig,
     "nadaraya_watson": NadarayaWatsonConfig,
     "induction": InductionConfig,
+    "digits": DigitsConfig,
+    "cluttered": ClutteredConfig,
 }
 TASK_NAMES: tuple[str, ...] = tuple(CONFIGS)
 

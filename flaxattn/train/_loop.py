@@ -396,9 +396,15 @@ def draw_figures(workdir: Path, export_path: Path | None) -> list[Path]:
     viz.plot_training_curves(workdir / METRICS_FILE, path=out / "training_curves.png")
     written = [out / "training_curves.png"]
     if export_path is not None:
-        paths, _ = viz.plot_export(
-            export_path, out, kinds=[k for k in viz.PLOT_KINDS if k != "curves"]
-        )
-        written += paths
+        from flaxattn.export import load_attention
+
+        export = load_attention(export_path)
+        if export.paths:  # a CNN's export holds only spatial / channel maps
+            paths, _ = viz.plot_export(
+                export, out, kinds=[k for k in viz.PLOT_KINDS if k != "curves"]
+            )
+            written += paths
+        if export.image is not None:
+            written += viz.plot_vision(export, out)
         written.append(viz.save_explorer(export_path, out / "view.html"))
     return written

@@ -7,7 +7,14 @@ from flaxattn.train._config import TrainConfig
 
 def make_task(config: TrainConfig):
     """The :class:`~flaxattn.train._task.Task` for ``config.task``."""
-    from flaxattn.train import _charlm, _classify, _induction, _nadaraya_watson, _seq2seq
+    from flaxattn.train import (
+        _charlm,
+        _classify,
+        _induction,
+        _nadaraya_watson,
+        _seq2seq,
+        _vision,
+    )
 
     tasks = {
         "copy": _seq2seq.SequenceTask,
@@ -18,6 +25,8 @@ def make_task(config: TrainConfig):
         "charlm": _charlm.CharLMTask,
         "nadaraya_watson": _nadaraya_watson.NadarayaWatsonTask,
         "induction": _induction.InductionTask,
+        "digits": _vision.ImageTask,
+        "cluttered": _vision.ImageTask,
     }
     if config.task not in tasks:
         raise ValueError(f"unknown task {config.task!r}; choose from {', '.join(tasks)}")

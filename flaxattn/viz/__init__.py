@@ -43,8 +43,20 @@ from flaxattn.viz._plots import (
     save_figure,
     text_attention_html,
 )
+from flaxattn.viz._vision import (
+    plot_channel_weights,
+    plot_image_examples,
+    plot_spatial_maps,
+    plot_vision,
+    plot_vit_attention,
+)
 
 __all__ = [
+    "plot_vit_attention",
+    "plot_vision",
+    "plot_spatial_maps",
+    "plot_image_examples",
+    "plot_channel_weights",
     "EXPLORER_VIEWS",
     "Explorer",
     "FORMATS",
